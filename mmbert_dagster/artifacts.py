@@ -1,0 +1,124 @@
+"""Artifact root layout and atomic, checksummed artifact folders.
+
+Every asset owns ``$MMBERT_HOME/<preset>/<asset_key>/``. It is built in a temporary sibling folder and renamed
+into place only when complete, so a killed process never leaves a half-written artifact where a reader looks,
+and the previous version stays intact until the new one is whole. A ``MANIFEST.json`` with the SHA-256 of every
+file lets readers detect truncated or corrupted files instead of loading them silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+MANIFEST = "MANIFEST.json"
+DEFAULT_HOME = ".mmbert"
+
+
+class ArtifactError(RuntimeError):
+    """A missing, incomplete or corrupted artifact."""
+
+
+def mmbert_home() -> Path:
+    """The artifact root: ``$MMBERT_HOME`` or ``./.mmbert`` in the working directory."""
+    return Path(os.environ.get("MMBERT_HOME", DEFAULT_HOME)).expanduser().resolve()
+
+
+def asset_dir(root: Path, preset: str, key: str) -> Path:
+    return Path(root) / preset / key
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path, extra: dict | None = None) -> dict:
+    files = {
+        str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+    manifest = {"files": files, **(extra or {})}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    return manifest
+
+
+def verify_artifact(folder: Path, what: str | None = None) -> dict:
+    """Check that ``folder`` is a complete artifact whose files match their checksums; return its manifest."""
+    folder = Path(folder)
+    label = what or folder.name
+    if not folder.is_dir():
+        raise ArtifactError(
+            f"{label}: missing artifact {folder} — materialize the upstream asset first "
+            f"(e.g. `dagster asset materialize --select {label}`)"
+        )
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise ArtifactError(f"{label}: {folder} has no {MANIFEST}; it is incomplete — re-materialize it")
+    manifest = json.loads(manifest_path.read_text())
+    for rel, info in manifest["files"].items():
+        path = folder / rel
+        if not path.is_file():
+            raise ArtifactError(f"{label}: file {path} listed in {MANIFEST} is missing")
+        if path.stat().st_size != info["bytes"]:
+            raise ArtifactError(
+                f"{label}: file {path} is {path.stat().st_size} bytes, expected {info['bytes']} (truncated?)"
+            )
+        if _sha256(path) != info["sha256"]:
+            raise ArtifactError(f"{label}: file {path} fails its SHA-256 check (corrupted)")
+    return manifest
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path, extra_manifest: dict | None = None) -> Iterator[Path]:
+    """Yield a fresh temporary sibling of ``final``; on success write its manifest and swap it into place.
+
+    On any exception the temporary folder is removed and ``final`` (if it existed) is left untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        write_manifest(tmp, extra_manifest)
+        old = None
+        if final.exists():
+            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(final, old)
+        os.rename(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def clean_stale_temporaries(parent: Path) -> list[Path]:
+    """Remove temporary folders left behind by killed processes (never the committed artifacts)."""
+    removed = []
+    if not Path(parent).is_dir():
+        return removed
+    for p in sorted(Path(parent).iterdir()):
+        if not p.name.startswith("."):
+            continue
+        if ".old-" in p.name:
+            # Killed between the two renames of `atomic_dir`: the old version is the only complete one.
+            final = p.parent / p.name[1:].split(".old-")[0]
+            if not final.exists():
+                os.rename(p, final)
+                continue
+        if ".tmp-" in p.name or ".old-" in p.name:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed

@@ -1,0 +1,220 @@
+"""fastText language identification: train on labelled text (or take a user model such as GlotLID), calibrate
+per-language confidence thresholds on held-out text, and label every document.
+
+Language ID only labels (datatrove's "a language step can label without dropping"): a document below its
+language's threshold is marked ``passed = false``; which languages a stage keeps is decided in ``sql/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from mmbert_dagster.recipe import LanguageIdConfig
+
+LABEL = "__label__"
+_WS = re.compile(r"\s+")
+CHUNK_CHARS = 300  # fastText learns from short lines; documents are cut into ~300-char pieces at line breaks
+PREDICT_CHARS = 4000  # a document's language is predicted from its first 4000 characters
+
+
+class LanguageIdError(ValueError):
+    pass
+
+
+def _load_fasttext():
+    import fasttext
+
+    # fastText prints a warning for every load_model of a model without this attribute; silence it.
+    fasttext.FastText.eprint = lambda *args, **kwargs: None
+    return fasttext
+
+
+def _clean(text: str) -> str:
+    return _WS.sub(" ", text).strip()
+
+
+def chunks(text: str, size: int = CHUNK_CHARS) -> list[str]:
+    """Cut a document into pieces of about ``size`` characters at line boundaries (long lines are cut hard)."""
+    out, cur = [], ""
+    for line in text.splitlines():
+        line = line.strip()
+        while len(line) > 2 * size:
+            out.append(line[:size])
+            line = line[size:]
+        if not line:
+            continue
+        cur = f"{cur} {line}" if cur else line
+        if len(cur) >= size:
+            out.append(cur)
+            cur = ""
+    if cur:
+        out.append(cur)
+    return [_clean(c) for c in out if len(c) >= 20]
+
+
+def _is_heldout(key: str, fraction: float) -> bool:
+    return int(hashlib.md5(key.encode()).hexdigest()[:8], 16) % 10_000 < fraction * 10_000
+
+
+def split_labelled(docs: Iterable[dict], cfg: LanguageIdConfig) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(lang, chunk) pairs for training and held-out evaluation, split by a hash of (doc_id, chunk index) so the
+    split is stable and every language is on both sides. Training text per language is capped."""
+    train, held = [], []
+    used: dict[str, int] = {}
+    for doc in docs:
+        lang = doc["declared_lang"]
+        if lang == "und":
+            continue
+        for i, piece in enumerate(chunks(doc["text"])):
+            if _is_heldout(f"{doc['doc_id']}#{i}", cfg.holdout_fraction):
+                held.append((lang, piece))
+            elif used.get(lang, 0) < cfg.max_train_bytes_per_lang:
+                used[lang] = used.get(lang, 0) + len(piece.encode())
+                train.append((lang, piece))
+    return train, held
+
+
+def train_model(train: list[tuple[str, str]], out_path: Path, cfg: LanguageIdConfig, seed: int) -> float:
+    """Train a supervised fastText classifier on (lang, text) pairs; returns seconds."""
+    if not train:
+        raise LanguageIdError("no labelled text to train language ID on (all documents are 'und'?)")
+    fasttext = _load_fasttext()
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(train))
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "train.txt"
+        with open(data, "w", encoding="utf-8") as f:
+            for i in order:
+                lang, text = train[i]
+                f.write(f"{LABEL}{lang} {text}\n")
+        start = time.perf_counter()
+        model = fasttext.train_supervised(
+            input=str(data), epoch=cfg.epochs, dim=cfg.dim, minCount=cfg.min_count, minn=cfg.char_ngrams[0],
+            maxn=cfg.char_ngrams[1], bucket=cfg.buckets, lr=cfg.lr, loss="softmax", thread=2, seed=seed, verbose=0,
+        )
+        seconds = time.perf_counter() - start
+    model.save_model(str(out_path))
+    return seconds
+
+
+def load_model(path: Path | str):
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise LanguageIdError(f"{path}: language ID model file does not exist")
+    try:
+        return _load_fasttext().load_model(str(path))
+    except ValueError as e:
+        raise LanguageIdError(f"{path}: not a fastText model ({e})") from e
+
+
+def model_labels(model) -> list[str]:
+    return [label.removeprefix(LABEL) for label in model.get_labels()]
+
+
+def predict(model, texts: list[str]) -> tuple[list[str], np.ndarray]:
+    if not texts:
+        return [], np.zeros(0, dtype=np.float32)
+    labels, probs = model.predict([_clean(t[:PREDICT_CHARS]) for t in texts], k=1)
+    return [lab[0].removeprefix(LABEL) for lab in labels], np.array([p[0] for p in probs], dtype=np.float32).clip(0, 1)
+
+
+def calibrate(model, held: list[tuple[str, str]], cfg: LanguageIdConfig) -> tuple[pl.DataFrame, dict]:
+    """Per-language thresholds and held-out accuracy.
+
+    threshold(lang) = the ``threshold_quantile`` quantile of the scores of held-out chunks correctly predicted
+    as ``lang``, clipped to [min_threshold, max_threshold] (FineWeb-2-style per-language thresholds); languages
+    without such chunks get ``min_threshold``.
+    """
+    known = set(model_labels(model))
+    pred, score = predict(model, [t for _, t in held])
+    gold = [lang for lang, _ in held]
+    frame = pl.DataFrame({"lang": gold, "pred": pred, "score": score}).with_columns(
+        correct=pl.col("lang") == pl.col("pred")
+    )
+    per_lang = (
+        frame.group_by("lang")
+        .agg(heldout_chunks=pl.len(), accuracy=pl.col("correct").mean())
+        .sort("lang")
+    )
+    correct_q = (
+        frame.filter("correct")
+        .group_by("pred")
+        .agg(q=pl.col("score").quantile(cfg.threshold_quantile, "nearest"))
+        .rename({"pred": "lang"})
+    )
+    thresholds = (
+        pl.DataFrame({"lang": sorted(known)})
+        .join(correct_q, on="lang", how="left")
+        .with_columns(
+            threshold=pl.col("q").fill_null(cfg.min_threshold).clip(cfg.min_threshold, cfg.max_threshold).cast(pl.Float32)
+        )
+        .drop("q")
+        .join(per_lang, on="lang", how="left")
+    )
+    summary = {
+        "heldout_chunks": frame.height,
+        "heldout_accuracy": float(frame["correct"].mean()) if frame.height else float("nan"),
+        "heldout_macro_accuracy": float(per_lang["accuracy"].mean()) if per_lang.height else float("nan"),
+        "heldout_languages_unknown_to_model": sorted(set(gold) - known),
+    }
+    return thresholds, summary
+
+
+def label_documents(
+    model, thresholds: pl.DataFrame, docs: Iterable[pl.DataFrame], *, log: Callable[[str], None] = print
+) -> pl.DataFrame:
+    """Label each document: (doc_id, source, declared_lang, lang, lid_score, threshold, passed)."""
+    th = dict(zip(thresholds["lang"].to_list(), thresholds["threshold"].to_list()))
+    default = min(th.values()) if th else 0.5
+    out = []
+    n = 0
+    for batch in docs:
+        langs, scores = predict(model, batch["text"].to_list())
+        out.append(
+            batch.select("doc_id", "source", "declared_lang").with_columns(
+                lang=pl.Series(langs, dtype=pl.String),
+                lid_score=pl.Series(scores, dtype=pl.Float32),
+                threshold=pl.Series([th.get(lang, default) for lang in langs], dtype=pl.Float32),
+            )
+        )
+        n += batch.height
+        log(f"language_id_table: {n} documents labelled")
+    if not out:
+        raise LanguageIdError("no documents to label")
+    table = pl.concat(out).with_columns(passed=pl.col("lid_score") >= pl.col("threshold"))
+    return table.sort("doc_id")
+
+
+def agreement(table: pl.DataFrame, known_labels: set[str]) -> tuple[dict, pl.DataFrame]:
+    """Agreement of predicted with declared language, over documents whose declared language the model knows."""
+    declared_known = table.filter(pl.col("declared_lang").is_in(sorted(known_labels)))
+    per_lang = (
+        declared_known.group_by("declared_lang")
+        .agg(docs=pl.len(), agreement=(pl.col("lang") == pl.col("declared_lang")).mean(), passed=pl.col("passed").mean())
+        .sort("declared_lang")
+    )
+    unknown = table.filter(~pl.col("declared_lang").is_in(sorted(known_labels)) & (pl.col("declared_lang") != "und"))
+    summary = {
+        "docs": table.height,
+        "passed_share": float(table["passed"].mean()),
+        "agreement_with_declared": float((declared_known["lang"] == declared_known["declared_lang"]).mean())
+        if declared_known.height else float("nan"),
+        "declared_languages_unknown_to_model": sorted(unknown["declared_lang"].unique().to_list()),
+        "docs_with_declared_language_unknown_to_model": unknown.height,
+    }
+    return summary, per_lang
+
+
+def install_user_model(path: str, out_path: Path) -> None:
+    """Copy a user-supplied fastText model (e.g. GlotLID's model.bin) into the artifact folder."""
+    load_model(path)  # fails fast with a clear message if it is not a fastText model
+    shutil.copyfile(Path(path).expanduser(), out_path)

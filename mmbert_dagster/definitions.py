@@ -1,0 +1,14 @@
+"""The one Definitions object: it only gathers what the asset modules define."""
+
+from dagster import Definitions, load_asset_checks_from_modules, load_assets_from_modules
+
+from mmbert_dagster.assets import data, mixtures, tokens
+from mmbert_dagster.resources import default_resources
+
+_modules = [data, mixtures, tokens]
+
+defs = Definitions(
+    assets=load_assets_from_modules(_modules),
+    asset_checks=load_asset_checks_from_modules(_modules),
+    resources=default_resources(),
+)

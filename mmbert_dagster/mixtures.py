@@ -1,0 +1,112 @@
+"""Language statistics and per-stage token mixtures, computed by the DuckDB SQL in ``sql/``.
+
+The SQL files are the single source of the mixture logic (one query per file, bound parameters, CTEs named after
+what they compute); this module only registers inputs, binds recipe values and validates the results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from importlib import resources
+from pathlib import Path
+
+import duckdb
+import polars as pl
+
+from mmbert_dagster.recipe import Recipe, Stage
+
+SHARE_TOLERANCE = 1e-6
+
+
+class MixtureError(ValueError):
+    """A stage mixture that cannot be computed; the message names the stage and recipe field."""
+
+
+def sql_text(name: str) -> str:
+    return (resources.files("mmbert_dagster.sql") / f"{name}.sql").read_text()
+
+
+def sql_hash(*names: str) -> str:
+    return hashlib.sha256("".join(sql_text(n) for n in names).encode()).hexdigest()[:12]
+
+
+def _query(con: duckdb.DuckDBPyConnection, sql: str, params: dict) -> pl.DataFrame:
+    return pl.from_arrow(con.sql(sql, params=params).to_arrow_table())
+
+
+def language_stats(docs_files: list[Path], lid_file: Path, recipe: Recipe) -> pl.DataFrame:
+    """(lang, docs, tokens_est, bytes, tier, rank) from ``sql/language_stats.sql``."""
+    con = duckdb.connect()
+    con.execute("CREATE VIEW documents AS SELECT * FROM read_parquet(?)", [[str(f) for f in docs_files]])
+    con.execute("CREATE VIEW language_id AS SELECT * FROM read_parquet(?)", [str(lid_file)])
+    stats = _query(
+        con,
+        sql_text("language_stats"),
+        {"bytes_per_token": recipe.bytes_per_token, "tier_high": recipe.tier_high, "tier_mid": recipe.tier_mid},
+    )
+    if stats.height == 0:
+        raise MixtureError(f"{lid_file}: no document passed language ID; nothing to build mixtures from")
+    return stats
+
+
+def stage_mixture(stats: pl.DataFrame, stage: Stage, recipe: Recipe) -> pl.DataFrame:
+    """(stage, lang, tier, tokens_available, share, tokens_target, repeat_factor, temperature_share, capped)."""
+    where = f"{recipe.source_file}: stages.{stage.name}"
+    available = set(stats["lang"].to_list())
+    top_n, languages = None, None
+    if isinstance(stage.languages, int):
+        if stage.languages > len(available):
+            raise MixtureError(
+                f"{where}.languages asks for the top {stage.languages} languages, but the corpus has only "
+                f"{len(available)} languages that passed language ID; lower it or use \"all\""
+            )
+        top_n = stage.languages
+    elif isinstance(stage.languages, tuple):
+        missing = sorted(set(stage.languages) - available)
+        if missing:
+            raise MixtureError(f"{where}.languages: language(s) {missing} have no documents in language_stats")
+        languages = list(stage.languages)
+    con = duckdb.connect()
+    con.register("language_stats", stats.to_arrow())
+    mix = _query(
+        con,
+        sql_text("stage_mixture"),
+        {
+            "stage": stage.name, "tau": float(stage.tau), "budget": float(stage.tokens),
+            "max_repeat": float(stage.max_repeat), "english": recipe.english,
+            "english_boost": float(stage.english_boost), "top_n": top_n, "languages": languages,
+        },
+    )
+    if mix["share"].null_count() > 0:
+        capacity = int(stats.filter(pl.col("lang").is_in(mix["lang"].to_list()))["tokens_est"].sum() * stage.max_repeat)
+        raise MixtureError(
+            f"{where}.tokens: the budget of {stage.tokens:,} tokens cannot be met: its {mix.height} languages hold "
+            f"at most {capacity:,} tokens at max_repeat={stage.max_repeat} (raise max_repeat, add data or lower tokens)"
+        )
+    return mix
+
+
+def mixture_problems(mix: pl.DataFrame, stage: Stage, stats: pl.DataFrame) -> list[str]:
+    """What is wrong with a computed mixture (empty list = fine): the properties asset checks guard."""
+    problems = []
+    total = float(mix["share"].sum())
+    if abs(total - 1.0) > SHARE_TOLERANCE:
+        problems.append(f"shares sum to {total:.9f}, not 1")
+    if isinstance(stage.languages, int):
+        expected = set(stats.filter(pl.col("rank") <= stage.languages)["lang"].to_list())
+    elif isinstance(stage.languages, tuple):
+        expected = set(stage.languages)
+    else:
+        expected = set(stats.filter(pl.col("tokens_est") > 0)["lang"].to_list())
+    missing = expected - set(mix.filter(pl.col("share") > 0)["lang"].to_list())
+    if missing:
+        problems.append(f"{len(missing)} stage language(s) missing or at zero share: {sorted(missing)[:10]}")
+    over = mix.filter(pl.col("repeat_factor") > stage.max_repeat * (1 + 1e-9))
+    if over.height:
+        problems.append(f"repeat factor above cap {stage.max_repeat} for {over['lang'].to_list()[:10]}")
+    return problems
+
+
+def english_share(mix: pl.DataFrame, english: str) -> float:
+    row = mix.filter(pl.col("lang") == english)
+    return float(row["share"][0]) if row.height else 0.0

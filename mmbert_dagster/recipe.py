@@ -1,0 +1,246 @@
+"""The typed mmBERT recipe: frozen dataclasses, loaded from a preset TOML and validated once.
+
+A preset (``mmbert_dagster/recipes/<name>.toml``) states the base stage once under ``[stages.base]``; every
+stage then writes only what differs from the stage it ``extends``. Every default lives in this file, in the
+dataclass fields; nothing else in the code base calls ``.get(key, default)`` on recipe data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+STAGES = ("pretrain", "midtrain", "decay_eng", "decay_cont", "decay_all")
+LANG_CODE = re.compile(r"^[a-z]{3}_[A-Z][a-z]{3}$")  # ISO 639-3 + ISO 15924 script, e.g. deu_Latn
+
+
+class RecipeError(ValueError):
+    """An invalid recipe; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """ModernBERT shape (transformers' ModernBertConfig names in comments)."""
+
+    layers: int = 22  # num_hidden_layers
+    hidden: int = 768  # hidden_size
+    intermediate: int = 1152  # intermediate_size (GLU: the projection is 2x this)
+    heads: int = 12  # num_attention_heads
+    global_every: int = 3  # global_attn_every_n_layers: layers 0, 3, 6, ... attend globally
+    local_window: int = 128  # local_attention (tokens), the sliding window of the other layers
+    local_rope_theta: float = 10_000.0  # local layers keep θ=10k when global θ is raised
+
+
+@dataclass(frozen=True)
+class LanguageIdConfig:
+    model_path: str = ""  # a user-supplied fastText model (e.g. GlotLID); empty = train our own
+    epochs: int = 10
+    dim: int = 64
+    min_count: int = 1
+    char_ngrams: tuple[int, int] = (2, 5)  # minn, maxn
+    buckets: int = 100_000  # hashed n-gram rows: model size ≈ buckets × dim × 4 bytes
+    lr: float = 0.5
+    max_train_bytes_per_lang: int = 150_000  # caps the big languages so training stays fast and balanced
+    holdout_fraction: float = 0.1  # documents held out to measure accuracy and calibrate thresholds
+    threshold_quantile: float = 0.05  # per-language threshold = this quantile of correct held-out scores
+    min_threshold: float = 0.3
+    max_threshold: float = 0.9
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    min_doc_chars: int = 200
+    min_doc_words: int = 30
+    max_doc_words: int = 100_000
+    max_non_alpha_words_ratio: float = 0.6  # min share of words with an alphabetic character (Gopher's naming)
+    max_symbol_word_ratio: float = 0.1
+    max_duplicate_line_fraction: float = 0.3  # FineWeb-style line repetition
+    minhash_ngram: int = 5
+    minhash_buckets: int = 14
+    minhash_hashes_per_bucket: int = 8
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    pretrained_path: str = ""  # a tokenizer.json file or HF folder (e.g. Gemma-2's); empty = train BPE
+    vocab_size: int = 8192
+    sample_bytes_per_lang: int = 100_000  # training sample: up to this much text from every language
+    min_frequency: int = 2
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    languages: int | str | tuple[str, ...]  # top-N by tokens, "all", or explicit codes
+    tau: float  # temperature: p_lang ∝ tokens_lang ** tau
+    tokens: int  # token budget of the stage
+    max_repeat: float  # cap on upsampling by repetition (epochs over a language's data)
+    english_boost: float  # multiplies English's sampling weight (Decay-Eng)
+    mask_rate: float  # MLM masking probability (80/10/10 replacement)
+    context_length: int  # tokens per sequence
+    rope_theta: float  # global-attention RoPE θ
+    lr_peak: float
+    lr_final: float
+    warmup_tokens: int
+    lr_decay: str  # "none" (warmup then constant) | "1-sqrt" | "linear"
+    batch_tokens: int  # tokens per optimizer step
+    weight_decay: float
+    betas: tuple[float, float]
+    grad_clip: float
+    init_from: str  # "" (random init) or the stage whose checkpoint this stage continues
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    source_file: str
+    model: ModelShape
+    filters: FilterConfig
+    lid: LanguageIdConfig
+    tokenizer: TokenizerConfig
+    tier_high: int  # languages ranked by tokens: the top `tier_high` are "high" resource
+    tier_mid: int  # ... the next up to rank `tier_mid` are "mid"; the rest "low"
+    english: str  # the English code English-boosted stages refer to
+    bytes_per_token: float  # token estimate before a tokenizer exists (tokens_est = bytes / this)
+    seed: int
+    stages: dict[str, Stage] = field(default_factory=dict)
+
+    def stage(self, name: str) -> Stage:
+        try:
+            return self.stages[name]
+        except KeyError:
+            raise RecipeError(f"{self.source_file}: no stage {name!r}; stages are {sorted(self.stages)}") from None
+
+    def section_hash(self, *parts: str, extra: str = "") -> str:
+        """A short, stable hash of recipe sections (``"lid"``, ``"stages.pretrain"``...) for code versions."""
+        data = {}
+        for part in parts:
+            obj: Any = self
+            for attr in part.split("."):
+                obj = obj[attr] if isinstance(obj, dict) else getattr(obj, attr)
+            data[part] = dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+        blob = json.dumps(data, sort_keys=True, default=str) + extra
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _build(cls, table: dict, where: str, **fixed):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - names)
+    if unknown:
+        raise RecipeError(f"{where}: unknown field(s) {unknown}; allowed: {sorted(names - set(fixed))}")
+    kwargs = {**table, **fixed}
+    for f in dataclasses.fields(cls):
+        if f.name in kwargs and isinstance(kwargs[f.name], list):
+            kwargs[f.name] = tuple(kwargs[f.name])
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        missing = [
+            f.name for f in dataclasses.fields(cls)
+            if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
+        raise RecipeError(f"{where}: missing field(s) {missing}") from e
+
+
+def _check(cond: bool, where: str, msg: str) -> None:
+    if not cond:
+        raise RecipeError(f"{where}: {msg}")
+
+
+def _validate_stage(s: Stage, where: str) -> None:
+    _check(isinstance(s.tau, (int, float)) and 0 < s.tau <= 1, f"{where}.tau", f"must be in (0, 1], got {s.tau!r}")
+    _check(isinstance(s.tokens, int) and s.tokens > 0, f"{where}.tokens", f"must be a positive integer, got {s.tokens!r}")
+    _check(s.max_repeat >= 1, f"{where}.max_repeat", f"must be >= 1, got {s.max_repeat!r}")
+    _check(s.english_boost > 0, f"{where}.english_boost", f"must be > 0, got {s.english_boost!r}")
+    _check(0 < s.mask_rate < 1, f"{where}.mask_rate", f"must be in (0, 1), got {s.mask_rate!r}")
+    _check(s.context_length >= 16, f"{where}.context_length", f"must be >= 16 tokens, got {s.context_length!r}")
+    _check(s.rope_theta > 0, f"{where}.rope_theta", f"must be > 0, got {s.rope_theta!r}")
+    _check(0 < s.lr_final <= s.lr_peak, f"{where}.lr_final", f"must be in (0, lr_peak], got {s.lr_final!r}")
+    _check(s.lr_decay in ("none", "1-sqrt", "linear"), f"{where}.lr_decay", f"must be none|1-sqrt|linear, got {s.lr_decay!r}")
+    _check(s.batch_tokens >= s.context_length, f"{where}.batch_tokens", "must be >= context_length")
+    _check(len(s.betas) == 2 and all(0 < b < 1 for b in s.betas), f"{where}.betas", f"must be two values in (0, 1), got {s.betas!r}")
+    if isinstance(s.languages, str):
+        _check(s.languages == "all", f"{where}.languages", f"must be a count, 'all' or a list of codes, got {s.languages!r}")
+    elif isinstance(s.languages, int):
+        _check(s.languages > 0, f"{where}.languages", f"must be > 0, got {s.languages!r}")
+    else:
+        bad = [c for c in s.languages if not LANG_CODE.match(str(c))]
+        _check(not bad, f"{where}.languages", f"unknown language code(s) {bad}: use ISO 639-3 + script, e.g. deu_Latn")
+        _check(len(s.languages) > 0, f"{where}.languages", "must not be empty")
+
+
+def load_recipe(preset_or_path: str | Path = "tiny") -> Recipe:
+    """Load a preset by name (``tiny``, ``small``, ``base``) or a recipe TOML file by path, and validate it."""
+    text_path = Path(str(preset_or_path))
+    if text_path.suffix == ".toml":
+        if not text_path.is_file():
+            raise RecipeError(f"{text_path}: recipe file does not exist")
+        source, raw = str(text_path), text_path.read_text()
+    else:
+        available = sorted(p.name[:-5] for p in resources.files("mmbert_dagster.recipes").iterdir() if p.name.endswith(".toml"))
+        if str(preset_or_path) not in available:
+            raise RecipeError(f"unknown preset {preset_or_path!r}; presets are {available} (or pass a .toml path)")
+        ref = resources.files("mmbert_dagster.recipes") / f"{preset_or_path}.toml"
+        source, raw = f"recipes/{preset_or_path}.toml", ref.read_text()
+    try:
+        data = tomllib.loads(raw)
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"{source}: not valid TOML: {e}") from e
+    return recipe_from_dict(data, source)
+
+
+def recipe_from_dict(data: dict, source: str = "<dict>") -> Recipe:
+    data = json.loads(json.dumps(data))  # deep copy; TOML gives only JSON types
+    stages_raw = data.pop("stages", None)
+    _check(isinstance(stages_raw, dict), source, "missing [stages] table")
+    base = stages_raw.pop("base", None)
+    _check(isinstance(base, dict), f"{source}: stages.base", "missing; every stage extends it")
+    sections = {
+        "model": (ModelShape, data.pop("model", {})),
+        "filters": (FilterConfig, data.pop("filters", {})),
+        "lid": (LanguageIdConfig, data.pop("lid", {})),
+        "tokenizer": (TokenizerConfig, data.pop("tokenizer", {})),
+    }
+    built = {k: _build(cls, t, f"{source}: [{k}]") for k, (cls, t) in sections.items()}
+    missing_stages = [s for s in STAGES if s not in stages_raw]
+    _check(not missing_stages, f"{source}: stages", f"missing stage(s) {missing_stages}")
+    extra_stages = sorted(set(stages_raw) - set(STAGES))
+    _check(not extra_stages, f"{source}: stages", f"unknown stage(s) {extra_stages}; stages are {list(STAGES)}")
+
+    resolved: dict[str, dict] = {"base": base}
+
+    def resolve(name: str, chain: tuple[str, ...] = ()) -> dict:
+        if name in resolved:
+            return resolved[name]
+        _check(name not in chain, f"{source}: stages.{name}.extends", f"cycle {' -> '.join(chain + (name,))}")
+        delta = dict(stages_raw[name])
+        parent = delta.pop("extends", "base")
+        _check(parent == "base" or parent in STAGES, f"{source}: stages.{name}.extends", f"unknown stage {parent!r}")
+        resolved[name] = {**resolve(parent, chain + (name,)), **delta}
+        return resolved[name]
+
+    stages = {}
+    for name in STAGES:
+        where = f"{source}: stages.{name}"
+        stage = _build(Stage, resolve(name), where, name=name)
+        _validate_stage(stage, where)
+        if stage.init_from:
+            _check(stage.init_from in STAGES and STAGES.index(stage.init_from) < STAGES.index(name),
+                   f"{where}.init_from", f"must name an earlier stage, got {stage.init_from!r}")
+        stages[name] = stage
+
+    top = {k: data.pop(k) for k in list(data)}
+    recipe = _build(Recipe, top, f"{source}: top level", source_file=source, stages=stages, **built)
+    _check(LANG_CODE.match(recipe.english) is not None, f"{source}: english", f"unknown language code {recipe.english!r}")
+    _check(0 < recipe.tier_high <= recipe.tier_mid, f"{source}: tier_high", "must satisfy 0 < tier_high <= tier_mid")
+    _check(recipe.bytes_per_token > 0, f"{source}: bytes_per_token", "must be > 0")
+    _check(recipe.tokenizer.vocab_size >= 256, f"{source}: [tokenizer].vocab_size", "must be >= 256")
+    _check(0 < recipe.lid.holdout_fraction < 0.5, f"{source}: [lid].holdout_fraction", "must be in (0, 0.5)")
+    return recipe

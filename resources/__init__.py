@@ -1,0 +1,124 @@
+"""Dagster resources: everything that touches the outside world (artifact store, data sources, external models,
+compute), with environment-based defaults chosen in one place (`default_resources`)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Literal
+
+from dagster import ConfigurableResource
+
+from mmbert_dagster import artifacts
+from mmbert_dagster.data import sources
+from mmbert_dagster.recipe import Recipe, load_recipe
+
+
+def preset_from_env() -> str:
+    """``MMBERT_PRESET``: a preset name (tiny, small, base) or a path to a recipe .toml; default ``tiny``."""
+    return os.environ.get("MMBERT_PRESET", "tiny")
+
+
+class ArtifactStore(ConfigurableResource):
+    """The artifact root: every asset owns ``<root>/<preset>/<asset_key>/``, written atomically."""
+
+    root: str = ""  # empty: $MMBERT_HOME, else ./.mmbert in the working directory
+    preset: str = ""  # empty: $MMBERT_PRESET, else tiny
+
+    def recipe(self) -> Recipe:
+        return load_recipe(self.preset or preset_from_env())
+
+    def root_path(self) -> Path:
+        return Path(self.root).expanduser().resolve() if self.root else artifacts.mmbert_home()
+
+    def path(self, key: str) -> Path:
+        return artifacts.asset_dir(self.root_path(), self.recipe().name, key)
+
+    def require(self, key: str) -> Path:
+        """The folder of an upstream artifact, verified complete and uncorrupted."""
+        folder = self.path(key)
+        artifacts.verify_artifact(folder, key)
+        return folder
+
+    def write(self, key: str, extra_manifest: dict | None = None) -> AbstractContextManager[Path]:
+        """A temporary folder that becomes ``path(key)`` when the block completes without error."""
+        artifacts.clean_stale_temporaries(self.path(key).parent)
+        return artifacts.atomic_dir(self.path(key), extra_manifest)
+
+
+class CorpusSource(ConfigurableResource):
+    """Where ``raw_corpus`` reads documents from.
+
+    - ``embedded`` (default): the multilingual sample shipped in the package (offline).
+    - ``local``: JSONL / Parquet / plain-text files or globs in ``paths``; ``lang_field`` names an optional
+      per-record language column (ISO 639-3 + script); ``on_bad_record`` = error | skip.
+    - ``huggingface``: FineWeb-2-style per-language subsets (``hf_configs`` such as ``deu_Latn``) streamed with
+      `datasets` (needs the network; unset HF_HUB_OFFLINE). ``hf_dataset`` may be a local folder in the same layout.
+    ``heldout_path``: a parquet of held-out evaluation text (doc_id, source, declared_lang, article, text) for
+    non-embedded sources; the embedded source ships its own.
+    """
+
+    kind: Literal["embedded", "local", "huggingface"] = "embedded"
+    paths: list[str] = []
+    text_field: str = "text"
+    lang_field: str | None = None
+    default_lang: str = sources.UNKNOWN_LANG
+    id_field: str | None = None
+    on_bad_record: Literal["error", "skip"] = "error"
+    hf_dataset: str = "HuggingFaceFW/fineweb-2"
+    hf_configs: list[str] = []
+    hf_split: str = "train"
+    max_docs_per_config: int | None = None
+    heldout_path: str = ""
+
+    def documents(self, log: Callable[[str], None], skips: sources.SkipCounter) -> Iterator[dict]:
+        if self.kind == "embedded":
+            return sources.iter_embedded(log)
+        if self.kind == "local":
+            if not self.paths:
+                raise sources.SourceError("corpus source 'local' needs `paths` (files, folders or globs)")
+            return sources.iter_local_files(
+                self.paths, text_field=self.text_field, lang_field=self.lang_field, default_lang=self.default_lang,
+                id_field=self.id_field, on_bad_record=self.on_bad_record, skips=skips, log=log,
+            )
+        return sources.iter_huggingface(
+            self.hf_dataset, self.hf_configs, split=self.hf_split, text_field=self.text_field,
+            max_docs_per_config=self.max_docs_per_config, log=log,
+        )
+
+    def heldout(self) -> Path | None:
+        if self.kind == "embedded":
+            return sources.embedded_heldout()
+        if self.heldout_path:
+            path = Path(self.heldout_path).expanduser()
+            if not path.is_file():
+                raise sources.SourceError(f"{self.heldout_path}: held-out file does not exist (heldout_path)")
+            return path
+        return None
+
+
+class ExternalModels(ConfigurableResource):
+    """User-supplied models that replace trained ones (empty = use the recipe's setting, else train our own)."""
+
+    lid_model_path: str = ""  # a fastText language-ID model, e.g. GlotLID's model.bin
+    tokenizer_path: str = ""  # a tokenizer.json file or Hugging Face tokenizer folder, e.g. Gemma-2's
+
+
+class Compute(ConfigurableResource):
+    """Where work runs: CPU processes for the data half; device and torchrun processes for training."""
+
+    data_workers: int = 1  # datatrove local workers
+    device: str = "auto"  # auto | cpu | cuda
+    nproc_per_node: int = 1  # torchrun processes per node for training assets
+
+
+def default_resources() -> dict:
+    """The one place where environment-based defaults are chosen (local, CI or cluster via env vars)."""
+    return {
+        "store": ArtifactStore(),
+        "corpus": CorpusSource(),
+        "external_models": ExternalModels(),
+        "compute": Compute(data_workers=int(os.environ.get("MMBERT_DATA_WORKERS", "1"))),
+    }

@@ -1,0 +1,1 @@
+"""DuckDB SQL for language statistics and stage mixtures, shipped as package data (mmbert_dagster.sql)."""

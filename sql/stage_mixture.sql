@@ -1,0 +1,65 @@
+-- One stage's token mixture: temperature sampling p_lang ∝ tokens_lang ^ τ over the stage's languages, token
+-- targets from the stage budget, and upsampling by repetition capped at $max_repeat epochs per language.
+--
+-- A language's target is min(λ · weight, max_repeat · tokens_available) with λ chosen so that the targets sum to
+-- the budget: languages that would exceed their cap are held at it and their excess goes to the others in
+-- proportion to their weights ("water-filling"). With languages ordered by the λ at which they saturate, the
+-- solution is the first candidate λ that does not saturate its own language (each candidate assumes the
+-- languages before it are capped). If none exists, the budget cannot be met and λ is NULL.
+--
+-- Inputs: language_stats(lang, tokens_est, rank, tier)
+-- Parameters: $stage, $tau, $budget, $max_repeat, $english, $english_boost,
+--             $top_n (NULL = no top-N rule), $languages (NULL = no explicit list); both NULL = every language
+WITH stage_languages AS (
+    SELECT lang, tier, tokens_est::DOUBLE AS tokens_available
+    FROM language_stats
+    WHERE tokens_est > 0
+      AND (
+          ($top_n IS NULL AND $languages IS NULL)
+          OR rank <= $top_n
+          OR list_contains($languages, lang)
+      )
+),
+weights AS (  -- temperature-sampling weight; English boosted in the English-heavy decay
+    SELECT
+        *,
+        power(tokens_available, $tau) * CASE WHEN lang = $english THEN $english_boost ELSE 1.0 END AS weight,
+        $max_repeat * tokens_available AS tokens_cap
+    FROM stage_languages
+),
+saturation_order AS (  -- the λ at which each language reaches its repetition cap
+    SELECT *, tokens_cap / weight AS lambda_saturated FROM weights
+),
+candidates AS (  -- λ if every language earlier in saturation order is capped and the rest are not
+    SELECT
+        *,
+        ($budget - coalesce(sum(tokens_cap) OVER (
+            ORDER BY lambda_saturated, lang ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0))
+        / sum(weight) OVER (ORDER BY lambda_saturated, lang ROWS BETWEEN CURRENT ROW AND UNBOUNDED FOLLOWING)
+            AS lambda_candidate
+    FROM saturation_order
+),
+solution AS (
+    SELECT arg_min(lambda_candidate, lambda_saturated) AS lambda
+    FROM candidates
+    WHERE lambda_candidate <= lambda_saturated
+),
+targets AS (
+    SELECT
+        weights.*,
+        least(solution.lambda * weight, tokens_cap) AS tokens_target_exact,
+        solution.lambda * weight >= tokens_cap AS capped
+    FROM weights CROSS JOIN solution
+)
+SELECT
+    $stage AS stage,
+    lang,
+    tier,
+    tokens_available::BIGINT AS tokens_available,
+    tokens_target_exact / $budget AS share,
+    round(tokens_target_exact)::BIGINT AS tokens_target,
+    tokens_target_exact / tokens_available AS repeat_factor,
+    weight / sum(weight) OVER () AS temperature_share,
+    capped
+FROM targets
+ORDER BY share DESC, lang
