@@ -1,6 +1,5 @@
 """Data assets: raw corpus → filtered corpus → language-ID model and table → language statistics."""
 
-from __future__ import annotations
 
 import json
 import shutil

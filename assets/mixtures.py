@@ -1,6 +1,5 @@
 """Per-stage token mixtures: temperature sampling over each stage's language set (sql/stage_mixture.sql)."""
 
-from __future__ import annotations
 
 import polars as pl
 from dagster import (

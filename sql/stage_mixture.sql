@@ -47,7 +47,9 @@ solution AS (
 targets AS (
     SELECT
         weights.*,
-        least(solution.lambda * weight, tokens_cap) AS tokens_target_exact,
+        -- least() skips NULLs, so an infeasible budget (λ NULL) must stay NULL explicitly
+        CASE WHEN solution.lambda IS NULL THEN NULL ELSE least(solution.lambda * weight, tokens_cap) END
+            AS tokens_target_exact,
         solution.lambda * weight >= tokens_cap AS capped
     FROM weights CROSS JOIN solution
 )

@@ -1,0 +1,554 @@
+"""Quality filtering and deduplication of the raw corpus with datatrove (FineWeb-2 style), offline and for any script.
+
+Pipeline (datatrove steps run by ``LocalPipelineExecutor``; every dropped document is recorded with its step and
+datatrove's reason code):
+
+1. ``normalize``: ftfy fixes (mojibake, HTML entities, terminal escapes, NFC) through datatrove's ``FTFYFormatter``,
+   then control characters are stripped and line ends unified; documents shorter than ``min_doc_chars`` are dropped
+   (reason ``too_short``).
+2. ``gopher_quality``, ``gopher_repetition``, ``fineweb_quality``: datatrove's filters, with the thresholds of
+   :class:`~mmbert_dagster.recipe.FilterConfig`, applied per *script profile* (see below).
+3. ``minhash_dedup``: datatrove's four MinHash stages (signatures, buckets, cluster, filter). Exact duplicates
+   always collide in every bucket, so MinHash removes them too; the drop reason tells ``exact_duplicate`` (the
+   text equals a kept document's) from ``near_duplicate``. A last safety net (step ``exact_dedup``) removes exact
+   duplicates too short to have a single MinHash shingle.
+
+Word splitting. datatrove's filters split words with a per-language tokenizer (``language=`` →
+``load_word_tokenizer``). Offline, none of them works with this project's dependencies: the spaCy-, IndicNLP-,
+pythainlp- and Kiwi-backed ones need packages that are not installed, NLTK needs downloaded punkt data, stanza
+downloads models, and even datatrove's ``WhitespaceTokenizer`` goes through spaCy. spaCy is also far too slow
+for this budget (measured 0.07–0.4 MB/s of text; jieba 0.02 MB/s). So every document goes through
+:class:`ScriptAwareWordTokenizer`, a regex splitter (>10 MB/s) whose unit depends on each character's script:
+one token per character for Han/Kana/Bopomofo/Yi, one per grapheme cluster for the unspaced abugidas (Thai, Lao,
+Khmer, Myanmar, Tibetan, ...), and runs of letters/marks/digits for every spaced script; punctuation and symbols
+are tokens of their own (as with spaCy, which the thresholds were tuned with).
+
+Script profiles. Thresholds that assume spaced, alphabetic words (average word length 3–10 characters, English
+stop words, 30-character "short lines", terminal punctuation at line ends) would drop every normal Chinese, Thai
+or Korean document, so each document gets a profile from its declared script (or, for ``und``, unknown codes and
+scripts not listed here, from the letters of its text), and :class:`PerProfileFilter` sends it to a datatrove filter
+instance configured for that profile:
+
+- ``english`` (``eng_*``): Gopher as published, including its stop-word check (English stop words);
+- ``alphabetic`` (Latin, Cyrillic, Greek, Armenian, Georgian): Gopher without the stop-word check;
+- ``spaced`` (every other spaced script: Arabic, Hebrew, Devanagari, Ethiopic, Hangul, ...): no minimum average
+  word length (syllabic scripts have short words), maximum 20 characters;
+- ``dense`` (Han, Kana, ...; one token per character): no average-word-length bounds, word-count bounds doubled
+  (≈ characters per word), repetition n-grams doubled in length, "short line" = 10 characters;
+- ``unspaced`` (Thai, Lao, Khmer, ...; one token per grapheme): as ``dense``, minus the terminal-punctuation check
+  (Thai and Lao end sentences without punctuation).
+
+Outputs in ``out_dir``: ``docs.parquet`` (surviving documents, input columns, sorted by ``doc_id``, zstd),
+``drops.parquet`` (one row per dropped document: ``doc_id, declared_lang, step, reason, bytes``) and
+``drop_counts.parquet`` (the aggregated :attr:`FilterReport.drops`). ``bytes`` always counts the document's
+*input* UTF-8 bytes, so ``bytes_in == bytes of kept inputs + drop bytes``; ``bytes_out`` counts the normalized
+output text.
+
+Execution. ``workers == 1`` runs every stage in this process (datatrove runs a single worker's tasks in a plain
+loop, so no ``__main__`` guard is needed: it works from pytest and Dagster assets). ``workers > 1`` runs the
+datatrove part in a child Python process (``python -c``), where datatrove's forkserver pool is safe. Each call uses
+a fresh folder under ``work_dir`` (datatrove silently skips tasks that a reused logging folder marks complete);
+its bulky intermediates are deleted on success, its datatrove logs kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import unicodedata
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import regex
+from datatrove.data import Document, DocumentsPipeline
+from datatrove.executor import LocalPipelineExecutor
+from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.dedup.minhash import (
+    MinhashConfig,
+    MinhashDedupBuckets,
+    MinhashDedupCluster,
+    MinhashDedupFilter,
+    MinhashDedupSignature,
+)
+from datatrove.pipeline.filters import FineWebQualityFilter, GopherQualityFilter, GopherRepetitionFilter
+from datatrove.pipeline.filters.base_filter import BaseFilter
+from datatrove.pipeline.formatters import FTFYFormatter
+from datatrove.pipeline.formatters.base import BaseFormatter
+from datatrove.pipeline.writers import ParquetWriter
+from datatrove.utils.word_tokenizers import WhitespaceTokenizer
+
+from mmbert_dagster.recipe import FilterConfig
+
+INPUT_COLUMNS = ("doc_id", "source", "declared_lang", "text")
+STEPS = ("normalize", "gopher_quality", "gopher_repetition", "fineweb_quality", "minhash_dedup", "exact_dedup")
+DROPS_SCHEMA = {"doc_id": pl.String, "declared_lang": pl.String, "step": pl.String, "reason": pl.String, "bytes": pl.Int64}
+COUNTS_SCHEMA = {"declared_lang": pl.String, "step": pl.String, "reason": pl.String, "docs": pl.Int64, "bytes": pl.Int64}
+
+# Intermediate files (datatrove writers). text_hash lets the final pass tell exact from near duplicates.
+_DOC_SCHEMA = pa.schema([("doc_id", pa.string()), ("source", pa.string()), ("declared_lang", pa.string()),
+                         ("text", pa.string()), ("bytes_in", pa.int64()), ("text_hash", pa.string())])
+_DOC_PL_SCHEMA = {"doc_id": pl.String, "source": pl.String, "declared_lang": pl.String, "text": pl.String,
+                  "bytes_in": pl.Int64, "text_hash": pl.String}
+_DROP_SCHEMA = pa.schema([("doc_id", pa.string()), ("declared_lang", pa.string()), ("step", pa.string()),
+                          ("reason", pa.string()), ("bytes", pa.int64()), ("text_hash", pa.string())])
+
+
+@dataclass
+class FilterReport:
+    docs_in: int
+    docs_out: int
+    bytes_in: int  # UTF-8 bytes of the input texts
+    bytes_out: int  # UTF-8 bytes of the output (normalized) texts
+    drops: pl.DataFrame  # declared_lang, step, reason, docs, bytes (input bytes): one row per language x step x reason
+    seconds_per_step: dict[str, float]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Word splitting and script profiles
+
+# Scripts written without spaces between words. "Dense": one character ≈ one syllable or morpheme → one token per
+# character. "Unspaced": abugidas whose vowel signs are combining marks → one token per grapheme cluster.
+_DENSE_CLASS = r"\p{Han}\p{Hiragana}\p{Katakana}\p{Bopomofo}\p{Yi}"
+_UNSPACED_CLASS = (r"\p{Thai}\p{Lao}\p{Khmer}\p{Myanmar}\p{Tibetan}\p{Balinese}\p{Javanese}\p{Tai_Tham}"
+                   r"\p{Tai_Le}\p{New_Tai_Lue}\p{Tai_Viet}")
+_ALPHABETIC_CLASS = r"\p{Latin}\p{Cyrillic}\p{Greek}\p{Armenian}\p{Georgian}"
+_WORD_CHAR = rf"[[\p{{L}}\p{{M}}\p{{N}}\u200c\u200d]--[{_DENSE_CLASS}{_UNSPACED_CLASS}]]"  # ZWNJ/ZWJ: Persian, Indic
+_TOKEN = regex.compile(
+    rf"[{_DENSE_CLASS}]"  # one token per Han/Kana character
+    rf"|(?=[{_UNSPACED_CLASS}])\X"  # one token per Thai/Lao/Khmer/... grapheme cluster
+    rf"|{_WORD_CHAR}+(?:['’\-.·]{_WORD_CHAR}+)*"  # a word of a spaced script (keeps don't, e-mail, 3.14)
+    r"|([^\s\p{L}\p{M}\p{N}])\1*",  # punctuation/symbols: a run of one repeated character ("...", "!!")
+    regex.VERSION1,
+)
+_LETTER_CLASSES = {
+    "dense": regex.compile(rf"[{_DENSE_CLASS}]"),
+    "unspaced": regex.compile(rf"[{_UNSPACED_CLASS}]"),
+    "alphabetic": regex.compile(rf"[{_ALPHABETIC_CLASS}]"),
+    "letter": regex.compile(r"\p{L}"),
+}
+
+DENSE_SCRIPTS = frozenset({"Hani", "Hans", "Hant", "Jpan", "Hira", "Kana", "Hrkt", "Bopo", "Yiii"})
+UNSPACED_SCRIPTS = frozenset({"Thai", "Laoo", "Khmr", "Mymr", "Tibt", "Bali", "Java", "Lana", "Tale", "Talu", "Tavt"})
+ALPHABETIC_SCRIPTS = frozenset({"Latn", "Cyrl", "Grek", "Armn", "Geor"})
+SPACED_SCRIPTS = frozenset({"Arab", "Hebr", "Deva", "Beng", "Guru", "Gujr", "Orya", "Taml", "Telu", "Knda", "Mlym",
+                            "Sinh", "Ethi", "Hang", "Kore", "Syrc", "Thaa", "Tfng", "Cans", "Cher", "Olck", "Mtei"})
+PROFILES = ("english", "alphabetic", "spaced", "dense", "unspaced")
+
+
+class ScriptAwareWordTokenizer(WhitespaceTokenizer):
+    """datatrove ``WordTokenizer`` that needs no model, no download and no language: the unit of a token follows
+    each character's script (see the module docstring). Sentence splitting is datatrove's own regex (inherited
+    from ``WhitespaceTokenizer``, which only needs spaCy for words)."""
+
+    def word_tokenize(self, text: str) -> list[str]:
+        return [m.group(0) for m in _TOKEN.finditer(text)]
+
+
+WORD_TOKENIZER = ScriptAwareWordTokenizer()
+
+
+def detect_profile(text: str) -> str:
+    """The script profile of a text from its letters (first 4,000 characters): for ``und`` and unknown codes."""
+    sample = text[:4000]
+    counts = {k: len(p.findall(sample)) for k, p in _LETTER_CLASSES.items()}
+    letters = max(counts["letter"], 1)
+    if counts["dense"] / letters >= 0.3:  # Japanese and Chinese often carry Latin words: CJK still needs char tokens
+        return "dense"
+    if counts["unspaced"] / letters >= 0.3:
+        return "unspaced"
+    if counts["alphabetic"] / letters >= 0.5:
+        return "alphabetic"
+    return "spaced"
+
+
+def script_profile(declared_lang: str | None, text: str) -> str:
+    """The filter profile of a document: from the script of its declared ``lang_Scrp`` code, else from its text."""
+    lang, _, script = (declared_lang or "und").partition("_")
+    if script in DENSE_SCRIPTS:
+        return "dense"
+    if script in UNSPACED_SCRIPTS:
+        return "unspaced"
+    if script in ALPHABETIC_SCRIPTS:
+        return "english" if lang == "eng" else "alphabetic"
+    if script in SPACED_SCRIPTS:
+        return "spaced"
+    profile = detect_profile(text)  # und, Zzzz/Zyyy, malformed or unlisted codes
+    return "english" if lang == "eng" and profile == "alphabetic" else profile
+
+
+def _gopher_quality(cfg: FilterConfig, profile: str) -> GopherQualityFilter:
+    scale = 2 if profile in ("dense", "unspaced") else 1  # tokens are characters there: ≈ 2 per word
+    avg = {"english": (3, 10), "alphabetic": (3, 10), "spaced": (None, 20)}.get(profile, (None, None))
+    return GopherQualityFilter(
+        min_doc_words=cfg.min_doc_words * scale, max_doc_words=cfg.max_doc_words * scale,
+        min_avg_word_length=avg[0], max_avg_word_length=avg[1],
+        max_symbol_word_ratio=cfg.max_symbol_word_ratio, max_non_alpha_words_ratio=cfg.max_non_alpha_words_ratio,
+        min_stop_words=2 if profile == "english" else None,  # datatrove's stop words are English
+        language=WORD_TOKENIZER,
+    )
+
+
+def _gopher_repetition(cfg: FilterConfig, profile: str) -> GopherRepetitionFilter:
+    scale = 2 if profile in ("dense", "unspaced") else 1  # an n-gram of characters ≈ an n/2-gram of words
+    return GopherRepetitionFilter(
+        dup_line_frac=cfg.max_duplicate_line_fraction,
+        top_n_grams=tuple((n * scale, f) for n, f in ((2, 0.2), (3, 0.18), (4, 0.16))),
+        dup_n_grams=tuple((n * scale, f) for n, f in ((5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10))),
+        language=WORD_TOKENIZER,
+    )
+
+
+def _fineweb_quality(cfg: FilterConfig, profile: str) -> FineWebQualityFilter:
+    return FineWebQualityFilter(
+        line_punct_thr=0.0 if profile == "unspaced" else 0.12,  # Thai and Lao have no sentence-final punctuation
+        short_line_length=10 if profile == "dense" else 30,  # 30 Han characters hold ~15 words
+        language=WORD_TOKENIZER,
+    )
+
+
+class PerProfileFilter(BaseFilter):
+    """A datatrove filter chosen per document by script profile.
+
+    datatrove filters fix their language (word tokenizer, stop words) and thresholds when constructed, but a corpus
+    mixes languages document by document. This wrapper holds one instance of the wrapped filter per profile and
+    forwards each document to its profile's instance; the drop reasons are the wrapped filter's own."""
+
+    type = "🔻 - FILTER"
+
+    def __init__(self, step: str, make: Callable[[FilterConfig, str], BaseFilter], cfg: FilterConfig, exclusion_writer):
+        self.name = step  # before super().__init__: datatrove names the step's stats from it
+        super().__init__(exclusion_writer)
+        self.filters = {profile: make(cfg, profile) for profile in PROFILES}
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        return self.filters[doc.metadata["profile"]].filter(doc)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading, normalization, writing
+
+class ParquetInput(PipelineStep):
+    """Reads the input parquet files; task ``rank`` of ``world_size`` takes every ``world_size``-th row (balanced
+    even when the corpus is one file). Also assigns the script profile, once per document."""
+
+    name = "read"
+    type = "📖 - READER"
+
+    def __init__(self, files: list[str], batch_rows: int = 512):
+        super().__init__()
+        self.files = list(files)
+        self.batch_rows = batch_rows
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        row = 0
+        for path in self.files:
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=self.batch_rows, columns=list(INPUT_COLUMNS)):
+                with self.track_time("batch"):
+                    cols = batch.to_pydict()
+                    docs = []
+                    for i in range(batch.num_rows):
+                        if (row + i) % world_size != rank:
+                            continue
+                        text = cols["text"][i] or ""
+                        lang = cols["declared_lang"][i] or "und"
+                        docs.append(Document(text=text, id=cols["doc_id"][i], metadata={
+                            "source": cols["source"][i] or "", "declared_lang": lang,
+                            "bytes_in": len(text.encode("utf-8")), "profile": script_profile(lang, text),
+                        }))
+                row += batch.num_rows
+                for doc in docs:
+                    self.stat_update("documents")
+                    yield doc
+
+
+class Ftfy(FTFYFormatter):
+    name = "ftfy"
+
+
+_CONTROL = regex.compile(r"[^\S\n]+(?=\n)|[\p{Cc}--[\n\t]]", regex.VERSION1)
+
+
+class StripControls(BaseFormatter):
+    """Unify line ends (CRLF/CR → LF), drop control characters other than tab and newline (ftfy keeps some) and
+    trailing spaces of lines, and NFC-normalize again (the removals can create new compositions)."""
+
+    name = "strip_controls"
+
+    def format(self, text: str) -> str:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        return unicodedata.normalize("NFC", _CONTROL.sub("", text)).strip()
+
+
+class MinChars(BaseFilter):
+    name = "normalize"
+
+    def __init__(self, min_chars: int, exclusion_writer):
+        super().__init__(exclusion_writer)
+        self.min_chars = min_chars
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        return len(doc.text) >= self.min_chars or (False, "too_short")
+
+
+def _text_hash(text: str) -> str:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+
+
+class DocWriter(ParquetWriter):
+    """Surviving documents, one file per task (``00003.parquet``): the MinHash filter stage reads task r's file."""
+
+    name = "write"
+
+    def __init__(self, folder: str):
+        super().__init__(folder, output_filename="${rank}.parquet", schema=_DOC_SCHEMA, max_file_size=-1,
+                         use_content_defined_chunking=False, write_page_index=False)
+
+    def _default_adapter(self, doc: Document) -> dict:
+        m = doc.metadata
+        return {"doc_id": doc.id, "source": m["source"], "declared_lang": m["declared_lang"], "text": doc.text,
+                "bytes_in": m["bytes_in"], "text_hash": _text_hash(doc.text)}
+
+
+class DropWriter(ParquetWriter):
+    """datatrove ``exclusion_writer``: one row per dropped document, with the filter's reason code."""
+
+    name = "drops"
+
+    def __init__(self, folder: str, step: str, default_reason: str = ""):
+        super().__init__(folder, output_filename="${rank}.parquet", schema=_DROP_SCHEMA, max_file_size=-1,
+                         use_content_defined_chunking=False, write_page_index=False)
+        self.step = step
+        self.default_reason = default_reason
+
+    def _default_adapter(self, doc: Document) -> dict:
+        m = doc.metadata
+        return {"doc_id": doc.id, "declared_lang": m["declared_lang"], "step": self.step,
+                "reason": m.get("filter_reason") or self.default_reason, "bytes": m["bytes_in"],
+                "text_hash": _text_hash(doc.text) if self.step == "minhash_dedup" else ""}
+
+
+class TaskFileInput(PipelineStep):
+    """Reads back exactly the file that task ``rank`` wrote (MinHash removals are indexed per task and document)."""
+
+    name = "read_filtered"
+    type = "📖 - READER"
+
+    def __init__(self, folder: str):
+        super().__init__()
+        self.folder = folder
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        path = Path(self.folder) / f"{rank:05d}.parquet"
+        if not path.is_file():  # the task kept no document
+            return
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=512):
+            cols = batch.to_pydict()
+            for i in range(batch.num_rows):
+                yield Document(text=cols["text"][i], id=cols["doc_id"][i], metadata={
+                    "source": cols["source"][i], "declared_lang": cols["declared_lang"][i],
+                    "bytes_in": cols["bytes_in"][i]})
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The datatrove run (in this process or a child)
+
+def _executor(pipeline, logging_dir: Path, tasks: int, workers: int) -> LocalPipelineExecutor:
+    return LocalPipelineExecutor(pipeline, tasks=tasks, workers=min(workers, tasks), logging_dir=str(logging_dir),
+                                 skip_completed=False)
+
+
+def _stage_stats(logging_dir: Path) -> list[dict]:
+    path = logging_dir / "stats.json"
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def _run_datatrove(spec: dict, log: Callable[[str], None]) -> dict[str, float]:
+    """Run the four datatrove executors described by ``spec``; return seconds per step."""
+    run = Path(spec["run_dir"])
+    cfg = FilterConfig(**spec["cfg"])
+    workers = int(spec["workers"])
+    tasks = workers
+    excl = run / "excluded"
+    minhash = MinhashConfig(n_grams=cfg.minhash_ngram, num_buckets=cfg.minhash_buckets,
+                            hashes_per_bucket=cfg.minhash_hashes_per_bucket)
+    seconds: dict[str, float] = {}
+
+    # 1+2: normalize, quality filters, write survivors and their MinHash signatures in one pass
+    steps = {
+        "read": ParquetInput(spec["inputs"]),
+        "ftfy": Ftfy(normalization="NFC"),
+        "strip_controls": StripControls(),
+        "normalize": MinChars(cfg.min_doc_chars, DropWriter(str(excl / "normalize"), "normalize")),
+        **{step: PerProfileFilter(step, make, cfg, DropWriter(str(excl / step), step))
+           for step, make in (("gopher_quality", _gopher_quality), ("gopher_repetition", _gopher_repetition),
+                              ("fineweb_quality", _fineweb_quality))},
+        "write_filtered": DocWriter(str(run / "filtered")),
+        "minhash_signatures": MinhashDedupSignature(str(run / "minhash" / "signatures"), config=minhash,
+                                                    language=WORD_TOKENIZER),
+    }
+    t0 = time.perf_counter()
+    _executor(list(steps.values()), run / "logs" / "filter", tasks, workers).run()
+    wall = time.perf_counter() - t0
+    stats = _stage_stats(run / "logs" / "filter")
+    for name, st in zip(steps, stats):
+        seconds[name] = round(st["time_stats"]["total"], 3)
+        counts = st["stats"]
+        if name in ("normalize", "gopher_quality", "gopher_repetition", "fineweb_quality"):
+            total = counts.get("total", {}).get("total", 0)
+            kept = counts.get("forwarded", {}).get("total", 0)
+            log(f"filter {name}: {total} docs in, {kept} out, {seconds[name]:.1f}s (summed over {tasks} task(s))")
+    log(f"filter: normalize + quality filters + signatures took {wall:.1f}s wall")
+
+    # 3: MinHash buckets (one task per bucket), clusters (one task), filter (the first stage's tasks)
+    for name, pipeline, n_tasks in (
+        ("minhash_buckets", [MinhashDedupBuckets(str(run / "minhash" / "signatures"), str(run / "minhash" / "buckets"),
+                                                 config=minhash)], cfg.minhash_buckets),
+        ("minhash_cluster", [MinhashDedupCluster(str(run / "minhash" / "buckets"), str(run / "minhash" / "remove"),
+                                                 config=minhash)], 1),
+        ("minhash_filter", [TaskFileInput(str(run / "filtered")),
+                            MinhashDedupFilter(str(run / "minhash" / "remove"),
+                                               exclusion_writer=DropWriter(str(excl / "minhash_dedup"),
+                                                                           "minhash_dedup", "near_duplicate")),
+                            DocWriter(str(run / "kept"))], tasks),
+    ):
+        t0 = time.perf_counter()
+        _executor(pipeline, run / "logs" / name, n_tasks, workers).run()
+        seconds[name] = round(time.perf_counter() - t0, 3)
+        log(f"filter {name}: {seconds[name]:.1f}s")
+    return seconds
+
+
+def _subprocess_main(spec_path: str) -> None:
+    """Entry point of the child process (``workers > 1``): datatrove's forkserver pool needs a guarded main."""
+    spec = json.loads(Path(spec_path).read_text())
+    seconds = _run_datatrove(spec, lambda msg: print(msg, flush=True))
+    (Path(spec["run_dir"]) / "seconds.json").write_text(json.dumps(seconds))
+
+
+def _run_in_subprocess(spec: dict, log: Callable[[str], None]) -> dict[str, float]:
+    run = Path(spec["run_dir"])
+    (run / "spec.json").write_text(json.dumps(spec))
+    code = "import sys; from mmbert_dagster.data.filtering import _subprocess_main; _subprocess_main(sys.argv[1])"
+    with open(run / "subprocess.log", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", code, str(run / "spec.json")], stdout=subprocess.PIPE,
+                                stderr=err, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        for line in proc.stdout:
+            log(line.rstrip("\n"))
+        rc = proc.wait()
+    if rc != 0:
+        tail = "\n".join((run / "subprocess.log").read_text(errors="replace").splitlines()[-30:])
+        raise RuntimeError(f"datatrove filtering failed in its worker process (exit {rc}); log {run}/subprocess.log:\n{tail}")
+    return json.loads((run / "seconds.json").read_text())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Public entry point
+
+def _check_inputs(files: list[Path]) -> None:
+    for f in files:
+        if not Path(f).is_file():
+            raise FileNotFoundError(f"filter input {f} does not exist")
+        names = pq.read_schema(f).names
+        missing = [c for c in INPUT_COLUMNS if c not in names]
+        if missing:
+            raise ValueError(f"filter input {f} lacks column(s) {missing}; expected {list(INPUT_COLUMNS)}")
+    if files:
+        dups = pl.scan_parquet(files).group_by("doc_id").len().filter(pl.col("len") > 1).head(5).collect()
+        if dups.height:
+            raise ValueError(f"doc_id must be unique across the filter inputs; repeated: {dups['doc_id'].to_list()}")
+
+
+def _read_folder(folder: Path, schema: dict) -> pl.DataFrame:
+    files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+    return pl.read_parquet(files) if files else pl.DataFrame(schema=schema)
+
+
+def run_filters(
+    input_files: list[Path],
+    out_dir: Path,
+    cfg: FilterConfig,
+    work_dir: Path,
+    *,
+    workers: int = 1,
+    log: Callable[[str], None] = print,
+) -> FilterReport:
+    """Filter and deduplicate the documents of ``input_files`` into ``out_dir`` (see the module docstring).
+
+    ``input_files``: parquet files with ``doc_id`` (unique), ``source``, ``declared_lang``, ``text``.
+    ``out_dir``: an existing (empty) folder; receives ``docs.parquet``, ``drops.parquet``, ``drop_counts.parquet``.
+    ``work_dir``: scratch space; each call works in a fresh sub-folder of it.
+    ``workers``: datatrove tasks run in parallel (>1 runs datatrove in a child process).
+
+    Empty input (no files, or files without rows) is not an error: the outputs are written with zero rows and
+    ``docs_out == 0``. Missing columns, missing files or repeated ``doc_id`` raise ``ValueError`` /
+    ``FileNotFoundError`` before any work. Never raises for an unknown language or script.
+    """
+    files = [Path(f) for f in input_files]
+    out_dir, work_dir = Path(out_dir), Path(work_dir)
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    _check_inputs(files)
+    run = work_dir / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    run.mkdir(parents=True)
+    spec = {"inputs": [str(f) for f in files], "run_dir": str(run), "cfg": dataclasses.asdict(cfg), "workers": workers}
+    log(f"filter: {len(files)} input file(s), {workers} worker(s), work folder {run}")
+
+    seconds = _run_datatrove(spec, log) if workers == 1 else _run_in_subprocess(spec, log)
+
+    t0 = time.perf_counter()
+    if files:
+        totals = pl.scan_parquet(files).select(
+            docs=pl.len(), bytes=pl.col("text").str.len_bytes().sum().fill_null(0)
+        ).collect().row(0, named=True)
+    else:
+        totals = {"docs": 0, "bytes": 0}
+    kept = _read_folder(run / "kept", _DOC_PL_SCHEMA).sort("doc_id")
+    drops = pl.concat([_read_folder(run / "excluded" / step, {**DROPS_SCHEMA, "text_hash": pl.String})
+                       for step in STEPS[:5]], how="vertical_relaxed")
+    # MinHash drops whose text equals a kept document's are exact duplicates; the others near duplicates
+    drops = drops.with_columns(
+        reason=pl.when((pl.col("step") == "minhash_dedup") & pl.col("text_hash").is_in(kept["text_hash"].implode()))
+        .then(pl.lit("exact_duplicate")).otherwise(pl.col("reason"))
+    )
+    # Safety net: exact duplicates MinHash could not see (fewer words than one shingle); keep the first by doc_id
+    first = kept["text_hash"].is_first_distinct()
+    extra = kept.filter(~first).select(
+        "doc_id", "declared_lang", step=pl.lit("exact_dedup"), reason=pl.lit("exact_duplicate"),
+        bytes=pl.col("bytes_in"), text_hash="text_hash")
+    kept = kept.filter(first)
+    drops = pl.concat([drops, extra], how="vertical_relaxed").select(
+        pl.col(c).cast(t) for c, t in DROPS_SCHEMA.items()
+    ).sort(pl.col("step").replace_strict({s: i for i, s in enumerate(STEPS)}, return_dtype=pl.Int32), "doc_id")
+    counts = drops.group_by("declared_lang", "step", "reason").agg(
+        docs=pl.len().cast(pl.Int64), bytes=pl.col("bytes").sum().cast(pl.Int64)
+    ).sort("declared_lang", "step", "reason")
+
+    docs_out = kept.select(INPUT_COLUMNS)
+    docs_out.write_parquet(out_dir / "docs.parquet", compression="zstd")
+    drops.write_parquet(out_dir / "drops.parquet", compression="zstd")
+    counts.write_parquet(out_dir / "drop_counts.parquet", compression="zstd")
+    if totals["docs"] - docs_out.height != drops.height:
+        raise RuntimeError(
+            f"filter bookkeeping mismatch: {totals['docs']} in, {docs_out.height} out, but {drops.height} drops recorded"
+        )
+    seconds["collect"] = round(time.perf_counter() - t0, 3)
+    report = FilterReport(
+        docs_in=int(totals["docs"]), docs_out=docs_out.height, bytes_in=int(totals["bytes"]),
+        bytes_out=int(docs_out["text"].str.len_bytes().sum() or 0), drops=counts, seconds_per_step=seconds,
+    )
+    log(f"filter: kept {report.docs_out}/{report.docs_in} docs, {report.bytes_out}/{report.bytes_in} bytes; "
+        f"{drops.height} drops, by step: {dict(drops.group_by('step').len().iter_rows())}")
+    for sub in ("filtered", "kept", "excluded", "minhash"):  # the datatrove logs stay for inspection
+        shutil.rmtree(run / sub, ignore_errors=True)
+    return report

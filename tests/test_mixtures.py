@@ -1,0 +1,101 @@
+import dataclasses
+
+import polars as pl
+import pytest
+
+from mmbert_dagster.mixtures import MixtureError, english_share, mixture_problems, stage_mixture
+from mmbert_dagster.recipe import load_recipe
+
+RECIPE = load_recipe("tiny")
+
+
+def stats(tokens: dict[str, int]) -> pl.DataFrame:
+    langs = sorted(tokens, key=lambda k: -tokens[k])
+    return pl.DataFrame({
+        "lang": langs, "docs": [1] * len(langs), "tokens_est": [tokens[k] for k in langs],
+        "bytes": [4 * tokens[k] for k in langs], "tier": ["high"] * len(langs), "rank": list(range(1, len(langs) + 1)),
+    })
+
+
+def stage(**kw):
+    return dataclasses.replace(RECIPE.stage("pretrain"), **kw)
+
+
+def shares(mix: pl.DataFrame) -> dict[str, float]:
+    return dict(zip(mix["lang"], mix["share"]))
+
+
+def test_temperature_sampling_matches_hand_computed_shares():
+    # τ = 0.5: weights sqrt(10000) = 100 and sqrt(100) = 10 -> shares 100/110 and 10/110.
+    mix = stage_mixture(stats({"eng_Latn": 10_000, "zul_Latn": 100}),
+                        stage(tau=0.5, tokens=1000, languages="all", max_repeat=100.0), RECIPE)
+    s = shares(mix)
+    assert s["eng_Latn"] == pytest.approx(100 / 110)
+    assert s["zul_Latn"] == pytest.approx(10 / 110)
+    rf = dict(zip(mix["lang"], mix["repeat_factor"]))
+    assert rf["eng_Latn"] == pytest.approx(1000 * 100 / 110 / 10_000)  # 0.0909: subsampled
+    assert rf["zul_Latn"] == pytest.approx(1000 * 10 / 110 / 100)  # 0.909
+
+
+def test_lower_tau_flattens_the_distribution():
+    st = stats({"eng_Latn": 1_000_000, "deu_Latn": 10_000, "amh_Ethi": 100})
+    small_share = [shares(stage_mixture(st, stage(tau=t, tokens=1000, languages="all"), RECIPE))["amh_Ethi"]
+                   for t in (0.7, 0.5, 0.3)]
+    # τ = 0.3: weights 1e6^.3 = 63.096, 1e4^.3 = 15.849, 100^.3 = 3.981 -> amh share 3.981 / 82.926 = 0.04801
+    assert small_share[2] == pytest.approx(3.98107 / (63.0957 + 15.8489 + 3.98107), rel=1e-4)
+    assert small_share[0] < small_share[1] < small_share[2]
+
+
+def test_repetition_cap_holds_small_languages_and_gives_the_rest_to_others():
+    # τ = 0.5, budget 5000: uncapped zul target would be 5000 * 10/110 = 454.5 tokens = 4.5 epochs of its 100.
+    # With max_repeat 1 it is held at 100 tokens and eng takes the remaining 4900.
+    mix = stage_mixture(stats({"eng_Latn": 10_000, "zul_Latn": 100}),
+                        stage(tau=0.5, tokens=5000, languages="all", max_repeat=1.0), RECIPE)
+    s = shares(mix)
+    assert s["zul_Latn"] == pytest.approx(100 / 5000)
+    assert s["eng_Latn"] == pytest.approx(4900 / 5000)
+    rf = dict(zip(mix["lang"], mix["repeat_factor"]))
+    assert rf["zul_Latn"] == pytest.approx(1.0) and rf["eng_Latn"] == pytest.approx(0.49)
+    assert mix.filter(pl.col("lang") == "zul_Latn")["capped"][0]
+
+
+def test_small_languages_are_upsampled_by_repetition():
+    mix = stage_mixture(stats({"eng_Latn": 10_000, "zul_Latn": 100}),
+                        stage(tau=0.3, tokens=9_000, languages="all", max_repeat=5.0), RECIPE)
+    rf = dict(zip(mix["lang"], mix["repeat_factor"]))
+    assert 1.0 < rf["zul_Latn"] <= 5.0
+    assert mix["share"].sum() == pytest.approx(1.0)
+
+
+def test_budget_that_cannot_be_met_names_the_field():
+    with pytest.raises(MixtureError, match=r"stages\.pretrain\.tokens.*cannot be met"):
+        stage_mixture(stats({"eng_Latn": 1000, "deu_Latn": 500}), stage(tokens=10_000, languages="all", max_repeat=2.0), RECIPE)
+
+
+def test_top_n_and_explicit_language_sets():
+    st = stats({"eng_Latn": 1000, "deu_Latn": 500, "fra_Latn": 300, "amh_Ethi": 10})
+    assert set(stage_mixture(st, stage(languages=2, tokens=100), RECIPE)["lang"]) == {"eng_Latn", "deu_Latn"}
+    assert set(stage_mixture(st, stage(languages=("amh_Ethi", "fra_Latn"), tokens=100), RECIPE)["lang"]) == {
+        "amh_Ethi", "fra_Latn"}
+    with pytest.raises(MixtureError, match=r"stages\.pretrain\.languages.*top 9"):
+        stage_mixture(st, stage(languages=9, tokens=100), RECIPE)
+    with pytest.raises(MixtureError, match=r"\['yor_Latn'\] have no documents"):
+        stage_mixture(st, stage(languages=("yor_Latn",), tokens=100), RECIPE)
+
+
+def test_english_boost_orders_english_share_across_decay_variants():
+    st = stats({"eng_Latn": 100_000, "deu_Latn": 50_000, "fra_Latn": 30_000, "amh_Ethi": 500, "zul_Latn": 300})
+    eng = english_share(stage_mixture(st, stage(languages=3, tau=0.3, english_boost=2.0, tokens=1000), RECIPE), "eng_Latn")
+    cont = english_share(stage_mixture(st, stage(languages=3, tau=0.3, tokens=1000), RECIPE), "eng_Latn")
+    all_ = english_share(stage_mixture(st, stage(languages="all", tau=0.3, tokens=1000), RECIPE), "eng_Latn")
+    assert eng > cont > all_
+
+
+def test_mixture_problems_detects_bad_shares_and_caps():
+    st = stats({"eng_Latn": 1000, "deu_Latn": 500})
+    s = stage(languages="all", tokens=100)
+    mix = stage_mixture(st, s, RECIPE)
+    assert mixture_problems(mix, s, st) == []
+    assert any("sum to" in p for p in mixture_problems(mix.with_columns(share=pl.col("share") * 2), s, st))
+    assert any("missing" in p for p in mixture_problems(mix.head(1), s, st))
+    assert any("above cap" in p for p in mixture_problems(mix.with_columns(repeat_factor=pl.lit(99.0)), s, st))
