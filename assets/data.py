@@ -104,7 +104,7 @@ def language_id_model(
     """A fastText language classifier trained on the declared languages of the filtered corpus (or a user model
     such as GlotLID), with per-language confidence thresholds calibrated on held-out text."""
     docs = sources.read_docs(store.require("filtered_corpus"), ["doc_id", "declared_lang", "text"]).collect()
-    train, held = langid.split_labelled(docs.iter_rows(named=True), RECIPE.lid)
+    train, held = langid.split_labelled(docs, RECIPE.lid)
     user_model = external_models.lid_model_path or RECIPE.lid.model_path
     with store.write("language_id_model") as out:
         if user_model:

@@ -41,13 +41,13 @@ class ModelShape:
 @dataclass(frozen=True)
 class LanguageIdConfig:
     model_path: str = ""  # a user-supplied fastText model (e.g. GlotLID); empty = train our own
-    epochs: int = 10
-    dim: int = 64
-    min_count: int = 1
+    epochs: int = 25  # measured on the embedded corpus: 15 epochs underfit (0.77 vs 0.86 held-out accuracy)
+    dim: int = 32
+    min_count: int = 3  # words seen fewer times are dropped (char n-grams still cover them); keeps the model small
     char_ngrams: tuple[int, int] = (2, 5)  # minn, maxn
     buckets: int = 100_000  # hashed n-gram rows: model size ≈ buckets × dim × 4 bytes
-    lr: float = 0.5
-    max_train_bytes_per_lang: int = 150_000  # caps the big languages so training stays fast and balanced
+    lr: float = 0.8
+    max_train_bytes_per_lang: int = 60_000  # caps the big languages so training stays fast and balanced
     holdout_fraction: float = 0.1  # documents held out to measure accuracy and calibrate thresholds
     threshold_quantile: float = 0.05  # per-language threshold = this quantile of correct held-out scores
     min_threshold: float = 0.3

@@ -61,24 +61,28 @@ def chunks(text: str, size: int = CHUNK_CHARS) -> list[str]:
     return [_clean(c) for c in out if len(c) >= 20]
 
 
-def _is_heldout(key: str, fraction: float) -> bool:
-    return int(hashlib.md5(key.encode()).hexdigest()[:8], 16) % 10_000 < fraction * 10_000
+def _hash_unit(key: str) -> float:
+    """A stable pseudo-random number in [0, 1) from a string."""
+    return int(hashlib.md5(key.encode()).hexdigest()[:8], 16) / 2**32
 
 
-def split_labelled(docs: Iterable[dict], cfg: LanguageIdConfig) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """(lang, chunk) pairs for training and held-out evaluation, split by a hash of (doc_id, chunk index) so the
-    split is stable and every language is on both sides. Training text per language is capped."""
+def split_labelled(docs: pl.DataFrame, cfg: LanguageIdConfig) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(lang, chunk) pairs for training and held-out evaluation from documents (doc_id, declared_lang, text).
+
+    The split is by a hash of (doc_id, chunk index), so it is stable and every language is on both sides.
+    Training text per language is capped at ``max_train_bytes_per_lang`` by keeping each chunk with probability
+    cap / language bytes (again by hash), so the sample spreads over all of a language's sources and documents.
+    """
+    docs = docs.filter(pl.col("declared_lang") != "und")
+    lang_bytes = dict(docs.group_by("declared_lang").agg(pl.col("text").str.len_bytes().sum()).iter_rows())
+    keep = {lang: min(1.0, cfg.max_train_bytes_per_lang / max(b, 1)) for lang, b in lang_bytes.items()}
     train, held = [], []
-    used: dict[str, int] = {}
-    for doc in docs:
-        lang = doc["declared_lang"]
-        if lang == "und":
-            continue
-        for i, piece in enumerate(chunks(doc["text"])):
-            if _is_heldout(f"{doc['doc_id']}#{i}", cfg.holdout_fraction):
+    for doc_id, lang, text in docs.select("doc_id", "declared_lang", "text").iter_rows():
+        for i, piece in enumerate(chunks(text)):
+            key = f"{doc_id}#{i}"
+            if _hash_unit(key) < cfg.holdout_fraction:
                 held.append((lang, piece))
-            elif used.get(lang, 0) < cfg.max_train_bytes_per_lang:
-                used[lang] = used.get(lang, 0) + len(piece.encode())
+            elif _hash_unit("train:" + key) < keep[lang]:
                 train.append((lang, piece))
     return train, held
 

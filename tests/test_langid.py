@@ -1,0 +1,66 @@
+import dataclasses
+
+import polars as pl
+import pytest
+
+from mmbert_dagster.data import langid, sources
+from mmbert_dagster.recipe import load_recipe
+
+LANGS = ["eng_Latn", "deu_Latn", "fra_Latn", "rus_Cyrl", "cmn_Hans", "jpn_Jpan", "kor_Hang", "hin_Deva",
+         "ell_Grek", "arb_Arab", "amh_Ethi"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    corpus = pl.read_parquet(sources.embedded_dir() / "corpus.parquet").filter(pl.col("declared_lang").is_in(LANGS))
+    cfg = dataclasses.replace(load_recipe("tiny").lid, max_train_bytes_per_lang=30_000)
+    train, held = langid.split_labelled(corpus, cfg)
+    path = tmp_path_factory.mktemp("lid") / "model.bin"
+    langid.train_model(train, path, cfg, seed=1)
+    model = langid.load_model(path)
+    thresholds, summary = langid.calibrate(model, held, cfg)
+    return {"model": model, "thresholds": thresholds, "summary": summary, "cfg": cfg, "corpus": corpus}
+
+
+def test_language_id_is_accurate_on_held_out_text(trained):
+    assert set(langid.model_labels(trained["model"])) == set(LANGS)
+    assert trained["summary"]["heldout_chunks"] > 100
+    assert trained["summary"]["heldout_accuracy"] >= 0.9
+
+
+def test_language_id_recognises_held_out_udhr_articles(trained):
+    # Articles 25-30 of the UDHR are never in the training corpus.
+    heldout = pl.read_parquet(sources.embedded_heldout()).filter(pl.col("declared_lang").is_in(LANGS))
+    pred, _ = langid.predict(trained["model"], heldout["text"].to_list())
+    accuracy = sum(p == g for p, g in zip(pred, heldout["declared_lang"])) / heldout.height
+    assert accuracy >= 0.9
+
+
+def test_thresholds_are_per_language_and_within_bounds(trained):
+    th = trained["thresholds"]
+    cfg = trained["cfg"]
+    assert th["lang"].to_list() == sorted(LANGS)
+    assert th["threshold"].min() >= cfg.min_threshold - 1e-6 and th["threshold"].max() <= cfg.max_threshold + 1e-6
+
+
+def test_documents_are_labelled_not_dropped(trained):
+    docs = trained["corpus"].head(200)
+    table = langid.label_documents(trained["model"], trained["thresholds"], [docs], log=lambda _: None)
+    assert table.height == docs.height
+    assert set(table.columns) >= {"doc_id", "source", "lang", "lid_score", "threshold", "passed"}
+    summary, per_lang = langid.agreement(table, set(LANGS))
+    assert summary["agreement_with_declared"] >= 0.9
+    unknown = docs.head(3).with_columns(declared_lang=pl.lit("xyz_Zzzz"))
+    table = langid.label_documents(trained["model"], trained["thresholds"], [unknown], log=lambda _: None)
+    summary, _ = langid.agreement(table, set(LANGS))
+    assert summary["declared_languages_unknown_to_model"] == ["xyz_Zzzz"]
+    assert summary["docs_with_declared_language_unknown_to_model"] == 3
+
+
+def test_a_file_that_is_not_a_fasttext_model_fails_clearly(tmp_path):
+    bad = tmp_path / "model.bin"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(langid.LanguageIdError, match="model.bin"):
+        langid.load_model(bad)
+    with pytest.raises(langid.LanguageIdError, match="does not exist"):
+        langid.load_model(tmp_path / "missing.bin")
