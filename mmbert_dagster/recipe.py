@@ -45,9 +45,10 @@ class LanguageIdConfig:
     dim: int = 32
     min_count: int = 3  # words seen fewer times are dropped (char n-grams still cover them); keeps the model small
     char_ngrams: tuple[int, int] = (2, 5)  # minn, maxn
+    word_ngrams: int = 2  # token bigrams; with unspaced scripts split into characters = character bigrams
     buckets: int = 100_000  # hashed n-gram rows: model size ≈ buckets × dim × 4 bytes
     lr: float = 0.8
-    max_train_bytes_per_lang: int = 60_000  # caps the big languages so training stays fast and balanced
+    max_train_chars_per_lang: int = 40_000  # caps the big languages so training stays fast and balanced
     holdout_fraction: float = 0.1  # documents held out to measure accuracy and calibrate thresholds
     threshold_quantile: float = 0.05  # per-language threshold = this quantile of correct held-out scores
     min_threshold: float = 0.3

@@ -13,7 +13,7 @@ LANGS = ["eng_Latn", "deu_Latn", "fra_Latn", "rus_Cyrl", "cmn_Hans", "jpn_Jpan",
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     corpus = pl.read_parquet(sources.embedded_dir() / "corpus.parquet").filter(pl.col("declared_lang").is_in(LANGS))
-    cfg = dataclasses.replace(load_recipe("tiny").lid, max_train_bytes_per_lang=30_000)
+    cfg = dataclasses.replace(load_recipe("tiny").lid, max_train_chars_per_lang=20_000)
     train, held = langid.split_labelled(corpus, cfg)
     path = tmp_path_factory.mktemp("lid") / "model.bin"
     langid.train_model(train, path, cfg, seed=1)

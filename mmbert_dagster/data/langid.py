@@ -38,8 +38,17 @@ def _load_fasttext():
     return fasttext
 
 
+# Scripts written without spaces between words. fastText averages one vector per whitespace token, so a
+# 100-character Chinese run would weigh as much as one Latin word; splitting these scripts into characters
+# (and learning character bigrams through wordNgrams=2) makes them count per character.
+_UNSPACED = re.compile(
+    "([\u2e80-\u2fdf\u3040-\u30ff\u3100-\u312f\u31a0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+    "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u0f00-\u0fff\U00020000-\U0002fa1f])"
+)
+
+
 def _clean(text: str) -> str:
-    return _WS.sub(" ", text).strip()
+    return _WS.sub(" ", _UNSPACED.sub(r" \1 ", text)).strip()
 
 
 def chunks(text: str, size: int = CHUNK_CHARS) -> list[str]:
@@ -70,12 +79,12 @@ def split_labelled(docs: pl.DataFrame, cfg: LanguageIdConfig) -> tuple[list[tupl
     """(lang, chunk) pairs for training and held-out evaluation from documents (doc_id, declared_lang, text).
 
     The split is by a hash of (doc_id, chunk index), so it is stable and every language is on both sides.
-    Training text per language is capped at ``max_train_bytes_per_lang`` by keeping each chunk with probability
+    Training text per language is capped at ``max_train_chars_per_lang`` by keeping each chunk with probability
     cap / language bytes (again by hash), so the sample spreads over all of a language's sources and documents.
     """
     docs = docs.filter(pl.col("declared_lang") != "und")
-    lang_bytes = dict(docs.group_by("declared_lang").agg(pl.col("text").str.len_bytes().sum()).iter_rows())
-    keep = {lang: min(1.0, cfg.max_train_bytes_per_lang / max(b, 1)) for lang, b in lang_bytes.items()}
+    lang_chars = dict(docs.group_by("declared_lang").agg(pl.col("text").str.len_chars().sum()).iter_rows())
+    keep = {lang: min(1.0, cfg.max_train_chars_per_lang / max(n, 1)) for lang, n in lang_chars.items()}
     train, held = [], []
     for doc_id, lang, text in docs.select("doc_id", "declared_lang", "text").iter_rows():
         for i, piece in enumerate(chunks(text)):
@@ -103,7 +112,7 @@ def train_model(train: list[tuple[str, str]], out_path: Path, cfg: LanguageIdCon
         start = time.perf_counter()
         model = fasttext.train_supervised(
             input=str(data), epoch=cfg.epochs, dim=cfg.dim, minCount=cfg.min_count, minn=cfg.char_ngrams[0],
-            maxn=cfg.char_ngrams[1], bucket=cfg.buckets, lr=cfg.lr, loss="softmax", thread=2, seed=seed, verbose=0,
+            maxn=cfg.char_ngrams[1], wordNgrams=cfg.word_ngrams, bucket=cfg.buckets, lr=cfg.lr, loss="softmax", thread=2, seed=seed, verbose=0,
         )
         seconds = time.perf_counter() - start
     model.save_model(str(out_path))
