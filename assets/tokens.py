@@ -35,6 +35,7 @@ def labelled_documents(store: ArtifactStore) -> pl.LazyFrame:
 
 
 @asset(
+    name="tokenizer",
     group_name="tokens",
     deps=["filtered_corpus", "language_id_table"],
     code_version=code_version("tokenizer", "seed", modules=(tokenizer,)),
@@ -55,11 +56,6 @@ def tokenizer_asset(context: AssetExecutionContext, store: ArtifactStore, extern
         metadata[k] = MetadataValue.json(v) if isinstance(v, (dict, list)) else v
     return MaterializeResult(metadata=metadata)
 
-
-# The function is named tokenizer_asset to keep the module name `tokenizer` usable; the asset key is `tokenizer`.
-tokenizer_asset = tokenizer_asset.with_attributes(
-    asset_key_replacements={AssetKey("tokenizer_asset"): AssetKey("tokenizer")}
-)
 
 
 def build_shards_asset(stage_name: str) -> AssetsDefinition:

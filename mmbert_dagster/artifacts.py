@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -94,7 +95,7 @@ def atomic_dir(final: Path, extra_manifest: dict | None = None) -> Iterator[Path
         write_manifest(tmp, extra_manifest)
         old = None
         if final.exists():
-            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+            old = final.parent / f".{final.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             os.rename(final, old)
         os.rename(tmp, final)
         if old is not None:
@@ -104,21 +105,39 @@ def atomic_dir(final: Path, extra_manifest: dict | None = None) -> Iterator[Path
         raise
 
 
-def clean_stale_temporaries(parent: Path) -> list[Path]:
-    """Remove temporary folders left behind by killed processes (never the committed artifacts)."""
-    removed = []
-    if not Path(parent).is_dir():
+_TEMP = re.compile(r"^\.+(?P<key>[^.]+)\.(?:tmp|old)-(?:(?P<pid>\d+)-)?")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temporaries(parent: Path, key: str) -> list[Path]:
+    """Remove temporary folders of artifact ``key`` left behind by killed processes.
+
+    Only folders of this key whose writing process is gone are touched (other assets may be writing their own
+    temporaries in the same folder right now). If a process died between the two renames of ``atomic_dir``,
+    the ``.old-`` folder is the only complete version and is restored instead of deleted.
+    """
+    removed: list[Path] = []
+    parent = Path(parent)
+    if not parent.is_dir():
         return removed
-    for p in sorted(Path(parent).iterdir()):
-        if not p.name.startswith("."):
+    for p in sorted(parent.iterdir()):
+        m = _TEMP.match(p.name)
+        if not m or m["key"] != key:
             continue
-        if ".old-" in p.name:
-            # Killed between the two renames of `atomic_dir`: the old version is the only complete one.
-            final = p.parent / p.name[1:].split(".old-")[0]
-            if not final.exists():
-                os.rename(p, final)
-                continue
-        if ".tmp-" in p.name or ".old-" in p.name:
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
+        if m["pid"] and _alive(int(m["pid"])) and int(m["pid"]) != os.getpid():
+            continue
+        if ".old-" in p.name and not (parent / key).exists():
+            os.rename(p, parent / key)
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
     return removed

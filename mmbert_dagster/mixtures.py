@@ -37,8 +37,8 @@ def _query(con: duckdb.DuckDBPyConnection, sql: str, params: dict) -> pl.DataFra
 def language_stats(docs_files: list[Path], lid_file: Path, recipe: Recipe) -> pl.DataFrame:
     """(lang, docs, tokens_est, bytes, tier, rank) from ``sql/language_stats.sql``."""
     con = duckdb.connect()
-    con.execute("CREATE VIEW documents AS SELECT * FROM read_parquet(?)", [[str(f) for f in docs_files]])
-    con.execute("CREATE VIEW language_id AS SELECT * FROM read_parquet(?)", [str(lid_file)])
+    con.read_parquet([str(f) for f in docs_files]).create_view("documents")
+    con.read_parquet(str(lid_file)).create_view("language_id")
     stats = _query(
         con,
         sql_text("language_stats"),

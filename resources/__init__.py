@@ -44,7 +44,7 @@ class ArtifactStore(ConfigurableResource):
 
     def write(self, key: str, extra_manifest: dict | None = None) -> AbstractContextManager[Path]:
         """A temporary folder that becomes ``path(key)`` when the block completes without error."""
-        artifacts.clean_stale_temporaries(self.path(key).parent)
+        artifacts.clean_stale_temporaries(self.path(key).parent, key)
         return artifacts.atomic_dir(self.path(key), extra_manifest)
 
 

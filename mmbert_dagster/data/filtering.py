@@ -8,20 +8,22 @@ datatrove's reason code):
    (reason ``too_short``).
 2. ``gopher_quality``, ``gopher_repetition``, ``fineweb_quality``: datatrove's filters, with the thresholds of
    :class:`~mmbert_dagster.recipe.FilterConfig`, applied per *script profile* (see below).
-3. ``minhash_dedup``: datatrove's four MinHash stages (signatures, buckets, cluster, filter). Exact duplicates
-   always collide in every bucket, so MinHash removes them too; the drop reason tells ``exact_duplicate`` (the
-   text equals a kept document's) from ``near_duplicate``. A last safety net (step ``exact_dedup``) removes exact
-   duplicates too short to have a single MinHash shingle.
+3. ``minhash_dedup``: datatrove's four MinHash stages (signatures, buckets, cluster, filter). Of each cluster
+   the document with the smallest ``doc_id`` is kept (datatrove's choice depends on the task layout, so the
+   result would otherwise depend on ``workers``). Exact duplicates always collide in every bucket, so MinHash
+   removes them too; the drop reason tells ``exact_duplicate`` (same text as the kept document) from
+   ``near_duplicate``. A last safety net (step ``exact_dedup``) removes exact duplicates too short to have a
+   single MinHash shingle.
 
 Word splitting. datatrove's filters split words with a per-language tokenizer (``language=`` →
 ``load_word_tokenizer``). Offline, none of them works with this project's dependencies: the spaCy-, IndicNLP-,
 pythainlp- and Kiwi-backed ones need packages that are not installed, NLTK needs downloaded punkt data, stanza
 downloads models, and even datatrove's ``WhitespaceTokenizer`` goes through spaCy. spaCy is also far too slow
 for this budget (measured 0.07–0.4 MB/s of text; jieba 0.02 MB/s). So every document goes through
-:class:`ScriptAwareWordTokenizer`, a regex splitter (>10 MB/s) whose unit depends on each character's script:
-one token per character for Han/Kana/Bopomofo/Yi, one per grapheme cluster for the unspaced abugidas (Thai, Lao,
-Khmer, Myanmar, Tibetan, ...), and runs of letters/marks/digits for every spaced script; punctuation and symbols
-are tokens of their own (as with spaCy, which the thresholds were tuned with).
+:class:`ScriptAwareWordTokenizer`, a regex splitter (3–10 MB/s) whose unit depends on each character's script:
+one token per character for Han/Kana/Bopomofo/Yi, one per letter with its combining marks for the unspaced
+abugidas (Thai, Lao, Khmer, Myanmar, Tibetan, ...), and runs of letters, marks and digits for every spaced script;
+punctuation and symbols are tokens of their own (as with spaCy, which the thresholds were tuned with).
 
 Script profiles. Thresholds that assume spaced, alphabetic words (average word length 3–10 characters, English
 stop words, 30-character "short lines", terminal punctuation at line ends) would drop every normal Chinese, Thai
@@ -30,12 +32,13 @@ scripts not listed here, from the letters of its text), and :class:`PerProfileFi
 instance configured for that profile:
 
 - ``english`` (``eng_*``): Gopher as published, including its stop-word check (English stop words);
-- ``alphabetic`` (Latin, Cyrillic, Greek, Armenian, Georgian): Gopher without the stop-word check;
+- ``alphabetic`` (Latin, Cyrillic, Greek, Armenian, Georgian): Gopher without the stop-word check, average word
+  length 2–15 characters instead of 3–10 (Vietnamese averages ~3.3, Greenlandic over 10);
 - ``spaced`` (every other spaced script: Arabic, Hebrew, Devanagari, Ethiopic, Hangul, ...): no minimum average
   word length (syllabic scripts have short words), maximum 20 characters;
 - ``dense`` (Han, Kana, ...; one token per character): no average-word-length bounds, word-count bounds doubled
   (≈ characters per word), repetition n-grams doubled in length, "short line" = 10 characters;
-- ``unspaced`` (Thai, Lao, Khmer, ...; one token per grapheme): as ``dense``, minus the terminal-punctuation check
+- ``unspaced`` (Thai, Lao, Khmer, ...; one token per letter): as ``dense``, minus the terminal-punctuation check
   (Thai and Lao end sentences without punctuation).
 
 Outputs in ``out_dir``: ``docs.parquet`` (surviving documents, input columns, sorted by ``doc_id``, zstd),
@@ -86,22 +89,27 @@ from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.formatters import FTFYFormatter
 from datatrove.pipeline.formatters.base import BaseFormatter
 from datatrove.pipeline.writers import ParquetWriter
+from datatrove.utils.text import TextNormConfig
 from datatrove.utils.word_tokenizers import WhitespaceTokenizer
 
 from mmbert_dagster.recipe import FilterConfig
 
 INPUT_COLUMNS = ("doc_id", "source", "declared_lang", "text")
 STEPS = ("normalize", "gopher_quality", "gopher_repetition", "fineweb_quality", "minhash_dedup", "exact_dedup")
-DROPS_SCHEMA = {"doc_id": pl.String, "declared_lang": pl.String, "step": pl.String, "reason": pl.String, "bytes": pl.Int64}
-COUNTS_SCHEMA = {"declared_lang": pl.String, "step": pl.String, "reason": pl.String, "docs": pl.Int64, "bytes": pl.Int64}
+DROPS_SCHEMA = {"doc_id": pl.String, "declared_lang": pl.String, "step": pl.String, "reason": pl.String,
+                "bytes": pl.Int64}
+COUNTS_SCHEMA = {"declared_lang": pl.String, "step": pl.String, "reason": pl.String, "docs": pl.Int64,
+                 "bytes": pl.Int64}
 
-# Intermediate files (datatrove writers). text_hash lets the final pass tell exact from near duplicates.
+# Intermediate files (datatrove writers). text_hash tells exact from near duplicates; cluster is MinHash's
+# cluster id (-1: no duplicate).
 _DOC_SCHEMA = pa.schema([("doc_id", pa.string()), ("source", pa.string()), ("declared_lang", pa.string()),
-                         ("text", pa.string()), ("bytes_in", pa.int64()), ("text_hash", pa.string())])
+                         ("text", pa.string()), ("bytes_in", pa.int64()), ("text_hash", pa.string()),
+                         ("cluster", pa.int64())])
 _DOC_PL_SCHEMA = {"doc_id": pl.String, "source": pl.String, "declared_lang": pl.String, "text": pl.String,
-                  "bytes_in": pl.Int64, "text_hash": pl.String}
+                  "bytes_in": pl.Int64, "text_hash": pl.String, "cluster": pl.Int64}
 _DROP_SCHEMA = pa.schema([("doc_id", pa.string()), ("declared_lang", pa.string()), ("step", pa.string()),
-                          ("reason", pa.string()), ("bytes", pa.int64()), ("text_hash", pa.string())])
+                          ("reason", pa.string()), ("bytes", pa.int64())])
 
 
 @dataclass
@@ -118,19 +126,23 @@ class FilterReport:
 # Word splitting and script profiles
 
 # Scripts written without spaces between words. "Dense": one character ≈ one syllable or morpheme → one token per
-# character. "Unspaced": abugidas whose vowel signs are combining marks → one token per grapheme cluster.
+# character. "Unspaced": abugidas whose vowel signs are combining marks → one token per letter + its marks.
 _DENSE_CLASS = r"\p{Han}\p{Hiragana}\p{Katakana}\p{Bopomofo}\p{Yi}"
 _UNSPACED_CLASS = (r"\p{Thai}\p{Lao}\p{Khmer}\p{Myanmar}\p{Tibetan}\p{Balinese}\p{Javanese}\p{Tai_Tham}"
                    r"\p{Tai_Le}\p{New_Tai_Lue}\p{Tai_Viet}")
 _ALPHABETIC_CLASS = r"\p{Latin}\p{Cyrillic}\p{Greek}\p{Armenian}\p{Georgian}"
-_WORD_CHAR = rf"[[\p{{L}}\p{{M}}\p{{N}}\u200c\u200d]--[{_DENSE_CLASS}{_UNSPACED_CLASS}]]"  # ZWNJ/ZWJ: Persian, Indic
-_TOKEN = regex.compile(
+# Spaced scripts: a word is a run of letters, marks, digits and ZWNJ/ZWJ (Persian, Indic); every other visible
+# character is a token of its own (like spaCy, "don't" → don ' t). ZWSP and BOM are separators.
+_WORD_CLASS = r"\p{L}\p{M}\p{N}\u200c\u200d"
+_OTHER = rf"[^\s{_WORD_CLASS}\u200b\ufeff]"
+_SPACED_TOKEN = regex.compile(rf"[{_WORD_CLASS}]+|{_OTHER}")
+# Text with unspaced-script characters: those come first, and a word never runs into them ("iPhone手机").
+_MIXED_TOKEN = regex.compile(
     rf"[{_DENSE_CLASS}]"  # one token per Han/Kana character
-    rf"|(?=[{_UNSPACED_CLASS}])\X"  # one token per Thai/Lao/Khmer/... grapheme cluster
-    rf"|{_WORD_CHAR}+(?:['’\-.·]{_WORD_CHAR}+)*"  # a word of a spaced script (keeps don't, e-mail, 3.14)
-    r"|([^\s\p{L}\p{M}\p{N}])\1*",  # punctuation/symbols: a run of one repeated character ("...", "!!")
-    regex.VERSION1,
+    rf"|[{_UNSPACED_CLASS}]\p{{M}}*"  # one token per Thai/Lao/Khmer/... letter with its combining marks
+    rf"|(?:(?![{_DENSE_CLASS}{_UNSPACED_CLASS}])[{_WORD_CLASS}])+|{_OTHER}"
 )
+_HAS_UNSPACED = regex.compile(rf"[{_DENSE_CLASS}{_UNSPACED_CLASS}]")
 _LETTER_CLASSES = {
     "dense": regex.compile(rf"[{_DENSE_CLASS}]"),
     "unspaced": regex.compile(rf"[{_UNSPACED_CLASS}]"),
@@ -152,7 +164,8 @@ class ScriptAwareWordTokenizer(WhitespaceTokenizer):
     from ``WhitespaceTokenizer``, which only needs spaCy for words)."""
 
     def word_tokenize(self, text: str) -> list[str]:
-        return [m.group(0) for m in _TOKEN.finditer(text)]
+        # the plain pattern is ~2x faster; most text has no unspaced-script character at all
+        return (_MIXED_TOKEN if _HAS_UNSPACED.search(text) else _SPACED_TOKEN).findall(text)
 
 
 WORD_TOKENIZER = ScriptAwareWordTokenizer()
@@ -189,7 +202,9 @@ def script_profile(declared_lang: str | None, text: str) -> str:
 
 def _gopher_quality(cfg: FilterConfig, profile: str) -> GopherQualityFilter:
     scale = 2 if profile in ("dense", "unspaced") else 1  # tokens are characters there: ≈ 2 per word
-    avg = {"english": (3, 10), "alphabetic": (3, 10), "spaced": (None, 20)}.get(profile, (None, None))
+    # Gopher's 3–10 characters are English figures: averages run from ~3.3 (Vietnamese, one token per syllable)
+    # to over 10 (Greenlandic); abugidas and syllabaries have short words, and char tokens have length 1
+    avg = {"english": (3, 10), "alphabetic": (2, 15), "spaced": (None, 20)}.get(profile, (None, None))
     return GopherQualityFilter(
         min_doc_words=cfg.min_doc_words * scale, max_doc_words=cfg.max_doc_words * scale,
         min_avg_word_length=avg[0], max_avg_word_length=avg[1],
@@ -204,7 +219,9 @@ def _gopher_repetition(cfg: FilterConfig, profile: str) -> GopherRepetitionFilte
     return GopherRepetitionFilter(
         dup_line_frac=cfg.max_duplicate_line_fraction,
         top_n_grams=tuple((n * scale, f) for n, f in ((2, 0.2), (3, 0.18), (4, 0.16))),
-        dup_n_grams=tuple((n * scale, f) for n, f in ((5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10))),
+        dup_n_grams=tuple(
+            (n * scale, f) for n, f in ((5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10))
+        ),
         language=WORD_TOKENIZER,
     )
 
@@ -260,10 +277,10 @@ class ParquetInput(PipelineStep):
                     for i in range(batch.num_rows):
                         if (row + i) % world_size != rank:
                             continue
-                        text = cols["text"][i] or ""
-                        lang = cols["declared_lang"][i] or "und"
+                        text = cols["text"][i] or ""  # a null text is dropped as too short
+                        lang = cols["declared_lang"][i]  # written back as it came (null included)
                         docs.append(Document(text=text, id=cols["doc_id"][i], metadata={
-                            "source": cols["source"][i] or "", "declared_lang": lang,
+                            "source": cols["source"][i], "declared_lang": lang,
                             "bytes_in": len(text.encode("utf-8")), "profile": script_profile(lang, text),
                         }))
                 row += batch.num_rows
@@ -287,7 +304,8 @@ class StripControls(BaseFormatter):
 
     def format(self, text: str) -> str:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
-        return unicodedata.normalize("NFC", _CONTROL.sub("", text)).strip()
+        text = _CONTROL.sub("", text)
+        return (text if unicodedata.is_normalized("NFC", text) else unicodedata.normalize("NFC", text)).strip()
 
 
 class MinChars(BaseFilter):
@@ -306,7 +324,8 @@ def _text_hash(text: str) -> str:
 
 
 class DocWriter(ParquetWriter):
-    """Surviving documents, one file per task (``00003.parquet``): the MinHash filter stage reads task r's file."""
+    """Documents with their text, one file per task (``00003.parquet``): the survivors of the quality filters
+    (the MinHash filter stage reads task r's file back), then the MinHash survivors and the MinHash drops."""
 
     name = "write"
 
@@ -317,7 +336,8 @@ class DocWriter(ParquetWriter):
     def _default_adapter(self, doc: Document) -> dict:
         m = doc.metadata
         return {"doc_id": doc.id, "source": m["source"], "declared_lang": m["declared_lang"], "text": doc.text,
-                "bytes_in": m["bytes_in"], "text_hash": _text_hash(doc.text)}
+                "bytes_in": m["bytes_in"], "text_hash": _text_hash(doc.text),
+                "cluster": m.get("minhash_cluster_id", -1)}
 
 
 class DropWriter(ParquetWriter):
@@ -325,17 +345,15 @@ class DropWriter(ParquetWriter):
 
     name = "drops"
 
-    def __init__(self, folder: str, step: str, default_reason: str = ""):
+    def __init__(self, folder: str, step: str):
         super().__init__(folder, output_filename="${rank}.parquet", schema=_DROP_SCHEMA, max_file_size=-1,
                          use_content_defined_chunking=False, write_page_index=False)
         self.step = step
-        self.default_reason = default_reason
 
     def _default_adapter(self, doc: Document) -> dict:
         m = doc.metadata
         return {"doc_id": doc.id, "declared_lang": m["declared_lang"], "step": self.step,
-                "reason": m.get("filter_reason") or self.default_reason, "bytes": m["bytes_in"],
-                "text_hash": _text_hash(doc.text) if self.step == "minhash_dedup" else ""}
+                "reason": m.get("filter_reason") or "", "bytes": m["bytes_in"]}
 
 
 class TaskFileInput(PipelineStep):
@@ -373,6 +391,11 @@ def _stage_stats(logging_dir: Path) -> list[dict]:
     return json.loads(path.read_text()) if path.is_file() else []
 
 
+def _count(stat: float | dict, kind: type = int):
+    # datatrove's stats.json holds a plain number for a count or time that was never spread, else a dict
+    return kind(stat if isinstance(stat, (int, float)) else stat.get("total", 0))
+
+
 def _run_datatrove(spec: dict, log: Callable[[str], None]) -> dict[str, float]:
     """Run the four datatrove executors described by ``spec``; return seconds per step."""
     run = Path(spec["run_dir"])
@@ -380,8 +403,12 @@ def _run_datatrove(spec: dict, log: Callable[[str], None]) -> dict[str, float]:
     workers = int(spec["workers"])
     tasks = workers
     excl = run / "excluded"
+    # datatrove's default text normalization for shingles also deletes every combining mark (Mn): harmless for
+    # Latin accents, but it erases Indic and Thai vowel signs and Arabic harakat (different words would collide),
+    # and its per-character loop is the slowest part of hashing. The text is NFC already.
     minhash = MinhashConfig(n_grams=cfg.minhash_ngram, num_buckets=cfg.minhash_buckets,
-                            hashes_per_bucket=cfg.minhash_hashes_per_bucket)
+                            hashes_per_bucket=cfg.minhash_hashes_per_bucket,
+                            norm_config=TextNormConfig(norm_unicode_diacritics=False))
     seconds: dict[str, float] = {}
 
     # 1+2: normalize, quality filters, write survivors and their MinHash signatures in one pass
@@ -401,31 +428,48 @@ def _run_datatrove(spec: dict, log: Callable[[str], None]) -> dict[str, float]:
     _executor(list(steps.values()), run / "logs" / "filter", tasks, workers).run()
     wall = time.perf_counter() - t0
     stats = _stage_stats(run / "logs" / "filter")
+    if stats:
+        log(f"filter read: {_count(stats[0]['stats'].get('documents', 0))} docs")
     for name, st in zip(steps, stats):
-        seconds[name] = round(st["time_stats"]["total"], 3)
+        seconds[name] = round(_count(st.get("time_stats", 0), float), 3)
+        if name == "minhash_signatures":  # its timer also runs while it pulls documents through the steps above
+            seconds[name] = round(max(seconds[name] - sum(v for k, v in seconds.items() if k != name), 0.0), 3)
         counts = st["stats"]
         if name in ("normalize", "gopher_quality", "gopher_repetition", "fineweb_quality"):
-            total = counts.get("total", {}).get("total", 0)
-            kept = counts.get("forwarded", {}).get("total", 0)
+            total, kept = (_count(counts.get(k, 0)) for k in ("total", "forwarded"))
             log(f"filter {name}: {total} docs in, {kept} out, {seconds[name]:.1f}s (summed over {tasks} task(s))")
     log(f"filter: normalize + quality filters + signatures took {wall:.1f}s wall")
 
     # 3: MinHash buckets (one task per bucket), clusters (one task), filter (the first stage's tasks)
-    for name, pipeline, n_tasks in (
+    # These are cheap (heap merges, a union-find, a pass over the survivors): running them in this process
+    # spares the ~2 s start of a process pool each.
+    for name, pipeline, n_tasks, n_workers in (
         ("minhash_buckets", [MinhashDedupBuckets(str(run / "minhash" / "signatures"), str(run / "minhash" / "buckets"),
-                                                 config=minhash)], cfg.minhash_buckets),
+                                                 config=minhash)], cfg.minhash_buckets, 1),
         ("minhash_cluster", [MinhashDedupCluster(str(run / "minhash" / "buckets"), str(run / "minhash" / "remove"),
-                                                 config=minhash)], 1),
+                                                 config=minhash, save_cluster_id=True)], 1, 1),
         ("minhash_filter", [TaskFileInput(str(run / "filtered")),
-                            MinhashDedupFilter(str(run / "minhash" / "remove"),
-                                               exclusion_writer=DropWriter(str(excl / "minhash_dedup"),
-                                                                           "minhash_dedup", "near_duplicate")),
-                            DocWriter(str(run / "kept"))], tasks),
+                            MinhashDedupFilter(str(run / "minhash" / "remove"), load_cluster_ids=True,
+                                               exclusion_writer=DocWriter(str(excl / "minhash_dedup"))),
+                            DocWriter(str(run / "kept"))], tasks, 1),
     ):
         t0 = time.perf_counter()
-        _executor(pipeline, run / "logs" / name, n_tasks, workers).run()
+        if name == "minhash_filter":
+            # datatrove's MinhashDedupFilter passes a task's documents through WITHOUT their cluster ids when the
+            # task has no .remove file (nothing to remove in it); empty files make every task load its ids
+            (run / "minhash" / "remove").mkdir(parents=True, exist_ok=True)
+            for rank in range(tasks):
+                for suffix in ("remove", "clusters"):
+                    (run / "minhash" / "remove" / f"{rank:06d}.{suffix}").touch(exist_ok=True)
+        _executor(pipeline, run / "logs" / name, n_tasks, n_workers).run()
         seconds[name] = round(time.perf_counter() - t0, 3)
-        log(f"filter {name}: {seconds[name]:.1f}s")
+        stats = _stage_stats(run / "logs" / name)
+        if name == "minhash_filter" and len(stats) > 1:
+            counts = stats[1]["stats"]
+            total, kept = (_count(counts.get(k, 0)) for k in ("total", "forwarded"))
+            log(f"filter {name}: {total} docs in, {kept} out, {seconds[name]:.1f}s")
+        else:
+            log(f"filter {name}: {seconds[name]:.1f}s")
     return seconds
 
 
@@ -441,14 +485,19 @@ def _run_in_subprocess(spec: dict, log: Callable[[str], None]) -> dict[str, floa
     (run / "spec.json").write_text(json.dumps(spec))
     code = "import sys; from mmbert_dagster.data.filtering import _subprocess_main; _subprocess_main(sys.argv[1])"
     with open(run / "subprocess.log", "w") as err:
+        package_root = str(Path(__file__).resolve().parents[2])  # importable even without an installed package
+        pythonpath = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": pythonpath}
         proc = subprocess.Popen([sys.executable, "-c", code, str(run / "spec.json")], stdout=subprocess.PIPE,
-                                stderr=err, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                stderr=err, text=True, env=env)
         for line in proc.stdout:
             log(line.rstrip("\n"))
         rc = proc.wait()
     if rc != 0:
         tail = "\n".join((run / "subprocess.log").read_text(errors="replace").splitlines()[-30:])
-        raise RuntimeError(f"datatrove filtering failed in its worker process (exit {rc}); log {run}/subprocess.log:\n{tail}")
+        raise RuntimeError(
+            f"datatrove filtering failed in its worker process (exit {rc}); log {run}/subprocess.log:\n{tail}"
+        )
     return json.loads((run / "seconds.json").read_text())
 
 
@@ -464,7 +513,10 @@ def _check_inputs(files: list[Path]) -> None:
         if missing:
             raise ValueError(f"filter input {f} lacks column(s) {missing}; expected {list(INPUT_COLUMNS)}")
     if files:
-        dups = pl.scan_parquet(files).group_by("doc_id").len().filter(pl.col("len") > 1).head(5).collect()
+        ids = pl.scan_parquet(files).select("doc_id")
+        if ids.select(pl.col("doc_id").null_count()).collect().item():
+            raise ValueError("doc_id must not be null in the filter inputs")
+        dups = ids.group_by("doc_id").len().filter(pl.col("len") > 1).head(5).collect()
         if dups.height:
             raise ValueError(f"doc_id must be unique across the filter inputs; repeated: {dups['doc_id'].to_list()}")
 
@@ -491,7 +543,7 @@ def run_filters(
     ``workers``: datatrove tasks run in parallel (>1 runs datatrove in a child process).
 
     Empty input (no files, or files without rows) is not an error: the outputs are written with zero rows and
-    ``docs_out == 0``. Missing columns, missing files or repeated ``doc_id`` raise ``ValueError`` /
+    ``docs_out == 0``. Missing columns, missing files, null or repeated ``doc_id`` raise ``ValueError`` /
     ``FileNotFoundError`` before any work. Never raises for an unknown language or script.
     """
     files = [Path(f) for f in input_files]
@@ -513,35 +565,45 @@ def run_filters(
         ).collect().row(0, named=True)
     else:
         totals = {"docs": 0, "bytes": 0}
-    kept = _read_folder(run / "kept", _DOC_PL_SCHEMA).sort("doc_id")
-    drops = pl.concat([_read_folder(run / "excluded" / step, {**DROPS_SCHEMA, "text_hash": pl.String})
-                       for step in STEPS[:5]], how="vertical_relaxed")
-    # MinHash drops whose text equals a kept document's are exact duplicates; the others near duplicates
-    drops = drops.with_columns(
-        reason=pl.when((pl.col("step") == "minhash_dedup") & pl.col("text_hash").is_in(kept["text_hash"].implode()))
-        .then(pl.lit("exact_duplicate")).otherwise(pl.col("reason"))
+    drops = pl.concat([_read_folder(run / "excluded" / step, DROPS_SCHEMA) for step in STEPS[:4]],
+                      how="vertical_relaxed")
+    # MinHash keeps one document per cluster, but which one depends on the task layout: keep the smallest doc_id of
+    # each cluster instead, so the result does not depend on `workers`. Drops whose text equals the kept
+    # document's are exact duplicates, the others near duplicates.
+    pool = pl.concat([_read_folder(run / "kept", _DOC_PL_SCHEMA),
+                      _read_folder(run / "excluded" / "minhash_dedup", _DOC_PL_SCHEMA)]).sort("doc_id")
+    clustered = pl.col("cluster") >= 0
+    pool = pool.with_columns(
+        keep=~clustered | (pl.col("doc_id") == pl.col("doc_id").first().over("cluster")),
+        exact=pl.col("text_hash") == pl.col("text_hash").first().over("cluster"),
     )
+    kept = pool.filter("keep")
     # Safety net: exact duplicates MinHash could not see (fewer words than one shingle); keep the first by doc_id
     first = kept["text_hash"].is_first_distinct()
-    extra = kept.filter(~first).select(
-        "doc_id", "declared_lang", step=pl.lit("exact_dedup"), reason=pl.lit("exact_duplicate"),
-        bytes=pl.col("bytes_in"), text_hash="text_hash")
+    dup_drops = [
+        pool.filter(~pl.col("keep")).select(
+            "doc_id", "declared_lang", step=pl.lit("minhash_dedup"), bytes="bytes_in",
+            reason=pl.when("exact").then(pl.lit("exact_duplicate")).otherwise(pl.lit("near_duplicate"))),
+        kept.filter(~first).select(
+            "doc_id", "declared_lang", step=pl.lit("exact_dedup"), reason=pl.lit("exact_duplicate"), bytes="bytes_in"),
+    ]
     kept = kept.filter(first)
-    drops = pl.concat([drops, extra], how="vertical_relaxed").select(
+    drops = pl.concat([drops, *(d.select(list(DROPS_SCHEMA)) for d in dup_drops)], how="vertical_relaxed").select(
         pl.col(c).cast(t) for c, t in DROPS_SCHEMA.items()
     ).sort(pl.col("step").replace_strict({s: i for i, s in enumerate(STEPS)}, return_dtype=pl.Int32), "doc_id")
-    counts = drops.group_by("declared_lang", "step", "reason").agg(
-        docs=pl.len().cast(pl.Int64), bytes=pl.col("bytes").sum().cast(pl.Int64)
-    ).sort("declared_lang", "step", "reason")
+    counts = drops.group_by("declared_lang", "step", "reason").agg(docs=pl.len(), bytes=pl.col("bytes").sum()).select(
+        pl.col(c).cast(t) for c, t in COUNTS_SCHEMA.items()
+    ).sort("declared_lang", "step", "reason", nulls_last=True)
 
     docs_out = kept.select(INPUT_COLUMNS)
+    if totals["docs"] - docs_out.height != drops.height:
+        raise RuntimeError(
+            f"filter bookkeeping mismatch: {totals['docs']} in, {docs_out.height} out, "
+            f"but {drops.height} drops recorded"
+        )
     docs_out.write_parquet(out_dir / "docs.parquet", compression="zstd")
     drops.write_parquet(out_dir / "drops.parquet", compression="zstd")
     counts.write_parquet(out_dir / "drop_counts.parquet", compression="zstd")
-    if totals["docs"] - docs_out.height != drops.height:
-        raise RuntimeError(
-            f"filter bookkeeping mismatch: {totals['docs']} in, {docs_out.height} out, but {drops.height} drops recorded"
-        )
     seconds["collect"] = round(time.perf_counter() - t0, 3)
     report = FilterReport(
         docs_in=int(totals["docs"]), docs_out=docs_out.height, bytes_in=int(totals["bytes"]),

@@ -77,8 +77,19 @@ def sample_for_tokenizer(docs: pl.DataFrame, cfg: TokenizerConfig, seed: int) ->
                 break
 
 
-def _fertility(tok, pairs: list[tuple[str, str]], top_langs: int = 10) -> dict:
-    """Tokens (without special tokens) per 100 characters, by script and for the largest languages."""
+def _fertility(tok, pairs: list[tuple[str, str]], top_langs: int = 10, bytes_per_lang: int = 50_000) -> dict:
+    """Tokens (without special tokens) per 100 characters, by script and for the largest languages.
+
+    Measured on the first ``bytes_per_lang`` bytes of each language's training sample (in-sample: an
+    optimistic figure, fine for comparing scripts and tokenizers).
+    """
+    seen: dict[str, int] = defaultdict(int)
+    kept = []
+    for lang, text in pairs:
+        if seen[lang] < bytes_per_lang:
+            kept.append((lang, text))
+            seen[lang] += len(text.encode("utf-8"))
+    pairs = kept
     texts = [t for _, t in pairs]
     counts = [len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False)]
     by_script: dict[str, list[int]] = defaultdict(lambda: [0, 0])
