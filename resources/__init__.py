@@ -120,5 +120,5 @@ def default_resources() -> dict:
         "store": ArtifactStore(),
         "corpus": CorpusSource(),
         "external_models": ExternalModels(),
-        "compute": Compute(data_workers=int(os.environ.get("MMBERT_DATA_WORKERS", "1"))),
+        "compute": Compute(data_workers=int(os.environ.get("MMBERT_DATA_WORKERS", min(4, os.cpu_count() or 1)))),
     }
