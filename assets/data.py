@@ -10,7 +10,7 @@ from dagster import AssetCheckResult, AssetExecutionContext, MaterializeResult, 
 
 from mmbert_dagster import mixtures
 from mmbert_dagster.data import filtering, langid, sources
-from mmbert_dagster.report import bar_chart, md_table, png_markdown
+from mmbert_dagster.report import bar_chart_md, md_table
 from mmbert_dagster.resources import ArtifactStore, Compute, CorpusSource, ExternalModels
 
 from ._common import RECIPE, code_version
@@ -190,8 +190,7 @@ def language_stats(context: AssetExecutionContext, store: ArtifactStore) -> Mate
             "tiers": MetadataValue.md(md_table(tiers)),
             "largest_languages": MetadataValue.md(md_table(top, 40)),
             "bytes_per_language": MetadataValue.md(
-                png_markdown(bar_chart(top["lang"].to_list(), (top["bytes"] / 1e6).to_list(),
-                                       "40 largest languages", "MB"), "bytes per language")
+                bar_chart_md(top.with_columns(mb=pl.col("bytes") / 1e6), "lang", "mb", "40 largest languages", "MB")
             ),
         }
     )

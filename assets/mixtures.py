@@ -15,7 +15,7 @@ from dagster import (
 
 from mmbert_dagster import mixtures
 from mmbert_dagster.recipe import STAGES
-from mmbert_dagster.report import bar_chart, md_table, png_markdown
+from mmbert_dagster.report import bar_chart_md, md_table
 from mmbert_dagster.resources import ArtifactStore
 
 from ._common import RECIPE, code_version
@@ -60,8 +60,7 @@ def build_mixture_asset(stage_name: str) -> AssetsDefinition:
                 "share_by_tier": MetadataValue.md(md_table(by_tier)),
                 "shares": MetadataValue.md(md_table(mix.drop("stage"), 40)),
                 "shares_plot": MetadataValue.md(
-                    png_markdown(bar_chart(top["lang"].to_list(), top["share"].to_list(),
-                                           f"{stage_name}: 30 largest shares (τ={stage.tau})", "share"), "shares")
+                    bar_chart_md(top, "lang", "share", f"{stage_name}: 30 largest shares (τ={stage.tau})", "share")
                 ),
             }
         )

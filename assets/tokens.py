@@ -18,7 +18,7 @@ from dagster import (
 
 from mmbert_dagster.data import shards, sources, tokenizer
 from mmbert_dagster.recipe import STAGES
-from mmbert_dagster.report import bar_chart, md_table, png_markdown
+from mmbert_dagster.report import bar_chart_md, md_table
 from mmbert_dagster.resources import ArtifactStore, ExternalModels
 
 from ._common import RECIPE, code_version
@@ -88,8 +88,7 @@ def build_shards_asset(stage_name: str) -> AssetsDefinition:
                 "seconds": info.get("seconds", 0.0),
                 "tokens_per_language": MetadataValue.md(md_table(per_lang, 40)),
                 "tokens_plot": MetadataValue.md(
-                    png_markdown(bar_chart(top["lang"].to_list(), top["share"].to_list(),
-                                           f"{key}: token share of the 30 largest languages", "share"), "token shares")
+                    bar_chart_md(top, "lang", "share", f"{key}: token share of the 30 largest languages", "share")
                 ),
             }
         )

@@ -47,3 +47,8 @@ def bar_chart(labels: list[str], values: list[float], title: str, ylabel: str):
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     return fig
+
+
+def bar_chart_md(df: pl.DataFrame, label: str, value: str, title: str, ylabel: str) -> str:
+    """A bar chart of ``df[value]`` by ``df[label]`` as embeddable Markdown."""
+    return png_markdown(bar_chart(df[label].to_list(), df[value].to_list(), title, ylabel), title)

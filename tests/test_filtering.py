@@ -262,7 +262,7 @@ def test_parallel_workers_give_the_same_result_as_one(tmp_path):
     r1, out1 = _run(tmp_path, rows)
     out2 = tmp_path / "out2"
     out2.mkdir()
-    r2 = run_filters([tmp_path / "in.parquet"], out2, FilterConfig(), tmp_path / "work", workers=2, log=lambda m: None)
+    run_filters([tmp_path / "in.parquet"], out2, FilterConfig(), tmp_path / "work", workers=2, log=lambda m: None)
     assert pl.read_parquet(out1 / "docs.parquet").equals(pl.read_parquet(out2 / "docs.parquet"))
     assert pl.read_parquet(out1 / "drops.parquet").equals(pl.read_parquet(out2 / "drops.parquet"))
     assert _drops(out2)["d-arb_Arab"] == ("minhash_dedup", "exact_duplicate")
