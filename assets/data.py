@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 from dagster import AssetCheckResult, AssetExecutionContext, MaterializeResult, MetadataValue, asset, asset_check
 
 from mmbert_dagster import mixtures
-from mmbert_dagster.data import filtering, langid, sources
+from mmbert_dagster.data import filtering, langid, sources, tokenizer
 from mmbert_dagster.report import bar_chart_md, md_table
 from mmbert_dagster.resources import ArtifactStore, Compute, CorpusSource, ExternalModels
 
@@ -45,6 +45,13 @@ def raw_corpus(context: AssetExecutionContext, store: ArtifactStore, corpus: Cor
             "largest_languages": MetadataValue.md(md_table(langs, 15)),
         }
     )
+
+
+def labelled_documents(store: ArtifactStore) -> pl.LazyFrame:
+    """Filtered documents with their language-ID label, only those that passed their language's threshold."""
+    lid = pl.scan_parquet(store.require("language_id_table") / "language_id.parquet").filter("passed")
+    docs = sources.read_docs(store.require("filtered_corpus"), ["doc_id", "text"])
+    return docs.join(lid.select("doc_id", "lang"), on="doc_id")
 
 
 @asset_check(asset=raw_corpus, blocking=True, description="No held-out evaluation text occurs in training docs")
@@ -169,15 +176,25 @@ def language_id_table(context: AssetExecutionContext, store: ArtifactStore) -> M
 
 @asset(
     group_name="data",
-    deps=[filtered_corpus, language_id_table],
-    code_version=code_version("bytes_per_token", "tier_high", "tier_mid", extra=mixtures.sql_hash("language_stats")),
+    deps=[filtered_corpus, language_id_table, "tokenizer"],
+    code_version=code_version(
+        "tier_high", "tier_mid", "tokenizer", "seed", modules=(tokenizer,), extra=mixtures.sql_hash("language_stats")
+    ),
 )
 def language_stats(context: AssetExecutionContext, store: ArtifactStore) -> MaterializeResult:
-    """sql/language_stats.sql: docs, estimated tokens, bytes and tier (high / mid / low) per language."""
+    """sql/language_stats.sql: docs, tokens (bytes × the tokenizer's measured tokens per byte for the language),
+    bytes and tier (high / mid / low) per language."""
     docs_files = sorted(store.require("filtered_corpus").glob("docs*.parquet"))
-    stats = mixtures.language_stats(docs_files, store.require("language_id_table") / "language_id.parquet", RECIPE)
+    fertility = tokenizer.tokens_per_byte(
+        store.require("tokenizer"), labelled_documents(store).select("lang", "text").collect(), RECIPE.tokenizer,
+        RECIPE.seed,
+    )
+    stats = mixtures.language_stats(
+        docs_files, store.require("language_id_table") / "language_id.parquet", fertility, RECIPE
+    )
     with store.write("language_stats") as out:
         stats.write_parquet(out / "language_stats.parquet")
+        fertility.write_parquet(out / "fertility.parquet")
     tiers = stats.group_by("tier").agg(languages=pl.len(), docs=pl.col("docs").sum(), bytes=pl.col("bytes").sum(),
                                        tokens_est=pl.col("tokens_est").sum()).sort("bytes", descending=True)
     top = stats.head(40)

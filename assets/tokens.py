@@ -22,16 +22,10 @@ from mmbert_dagster.report import bar_chart_md, md_table
 from mmbert_dagster.resources import ArtifactStore, ExternalModels
 
 from ._common import RECIPE, code_version
+from .data import labelled_documents
 from .mixtures import MIXTURE_FIELDS
 
 ROUNDTRIP_SAMPLE = 64  # documents per shard set decoded back to text by the asset check
-
-
-def labelled_documents(store: ArtifactStore) -> pl.LazyFrame:
-    """Filtered documents with their language-ID label, only those that passed their language's threshold."""
-    lid = pl.scan_parquet(store.require("language_id_table") / "language_id.parquet").filter("passed")
-    docs = sources.read_docs(store.require("filtered_corpus"), ["doc_id", "text"])
-    return docs.join(lid.select("doc_id", "lang"), on="doc_id")
 
 
 @asset(

@@ -34,16 +34,14 @@ def _query(con: duckdb.DuckDBPyConnection, sql: str, params: dict) -> pl.DataFra
     return pl.from_arrow(con.sql(sql, params=params).to_arrow_table())
 
 
-def language_stats(docs_files: list[Path], lid_file: Path, recipe: Recipe) -> pl.DataFrame:
-    """(lang, docs, tokens_est, bytes, tier, rank) from ``sql/language_stats.sql``."""
+def language_stats(docs_files: list[Path], lid_file: Path, fertility: pl.DataFrame, recipe: Recipe) -> pl.DataFrame:
+    """(lang, docs, tokens_est, bytes, tier, rank) from ``sql/language_stats.sql``; ``fertility`` is
+    (lang, tokens_per_byte) measured with the tokenizer. Languages are ranked by tokens."""
     con = duckdb.connect()
     con.read_parquet([str(f) for f in docs_files]).create_view("documents")
     con.read_parquet(str(lid_file)).create_view("language_id")
-    stats = _query(
-        con,
-        sql_text("language_stats"),
-        {"bytes_per_token": recipe.bytes_per_token, "tier_high": recipe.tier_high, "tier_mid": recipe.tier_mid},
-    )
+    con.register("fertility", fertility.to_arrow())
+    stats = _query(con, sql_text("language_stats"), {"tier_high": recipe.tier_high, "tier_mid": recipe.tier_mid})
     if stats.height == 0:
         raise MixtureError(f"{lid_file}: no document passed language ID; nothing to build mixtures from")
     return stats

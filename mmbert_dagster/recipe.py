@@ -109,7 +109,6 @@ class Recipe:
     tier_high: int  # languages ranked by tokens: the top `tier_high` are "high" resource
     tier_mid: int  # ... the next up to rank `tier_mid` are "mid"; the rest "low"
     english: str  # the English code English-boosted stages refer to
-    bytes_per_token: float  # token estimate before a tokenizer exists (tokens_est = bytes / this)
     seed: int
     stages: dict[str, Stage] = field(default_factory=dict)
 
@@ -241,7 +240,6 @@ def recipe_from_dict(data: dict, source: str = "<dict>") -> Recipe:
     recipe = _build(Recipe, top, f"{source}: top level", source_file=source, stages=stages, **built)
     _check(LANG_CODE.match(recipe.english) is not None, f"{source}: english", f"unknown language code {recipe.english!r}")
     _check(0 < recipe.tier_high <= recipe.tier_mid, f"{source}: tier_high", "must satisfy 0 < tier_high <= tier_mid")
-    _check(recipe.bytes_per_token > 0, f"{source}: bytes_per_token", "must be > 0")
     _check(recipe.tokenizer.vocab_size >= 256, f"{source}: [tokenizer].vocab_size", "must be >= 256")
     _check(0 < recipe.lid.holdout_fraction < 0.5, f"{source}: [lid].holdout_fraction", "must be in (0, 0.5)")
     return recipe

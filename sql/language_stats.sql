@@ -1,6 +1,7 @@
 -- Per-language statistics of the filtered corpus, by the language ID label (not the declared language).
--- Inputs (views registered by mmbert_dagster.mixtures): documents(doc_id, text), language_id(doc_id, lang, passed)
--- Parameters: $bytes_per_token, $tier_high, $tier_mid
+-- Inputs (views registered by mmbert_dagster.mixtures): documents(doc_id, text), language_id(doc_id, lang, passed),
+--   fertility(lang, tokens_per_byte) measured with the trained tokenizer on a sample of each language
+-- Parameters: $tier_high, $tier_mid
 WITH confident_documents AS (  -- documents whose language ID score passed their language's threshold
     SELECT language_id.lang, strlen(documents.text) AS bytes  -- strlen = UTF-8 bytes
     FROM documents
@@ -16,10 +17,11 @@ ranked AS (
     SELECT
         lang,
         docs,
-        round(bytes / $bytes_per_token)::BIGINT AS tokens_est,
+        round(bytes * fertility.tokens_per_byte)::BIGINT AS tokens_est,
         bytes,
-        row_number() OVER (ORDER BY bytes DESC, lang) AS rank
+        row_number() OVER (ORDER BY bytes * fertility.tokens_per_byte DESC, lang) AS rank
     FROM per_language
+    JOIN fertility USING (lang)
 )
 SELECT
     lang,

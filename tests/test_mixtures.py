@@ -99,3 +99,21 @@ def test_mixture_problems_detects_bad_shares_and_caps():
     assert any("sum to" in p for p in mixture_problems(mix.with_columns(share=pl.col("share") * 2), s, st))
     assert any("missing" in p for p in mixture_problems(mix.head(1), s, st))
     assert any("above cap" in p for p in mixture_problems(mix.with_columns(repeat_factor=pl.lit(99.0)), s, st))
+
+
+def test_language_stats_counts_passed_documents_and_ranks_by_measured_tokens(tmp_path):
+    from mmbert_dagster.mixtures import language_stats
+
+    pl.DataFrame({"doc_id": ["a", "b", "c", "d", "e"], "text": ["x" * 1000, "x" * 500, "字" * 200, "y" * 300, "z" * 50]}
+                 ).write_parquet(tmp_path / "docs.parquet")
+    pl.DataFrame({"doc_id": ["a", "b", "c", "d", "e"],
+                  "lang": ["eng_Latn", "eng_Latn", "cmn_Hans", "deu_Latn", "deu_Latn"],
+                  "lid_score": [0.9] * 5, "passed": [True, True, True, True, False]}).write_parquet(tmp_path / "lid.parquet")
+    # 600 bytes of Chinese at 0.5 tokens/byte (300 tokens) outrank 300 bytes of German at 0.25 (75 tokens)
+    fertility = pl.DataFrame({"lang": ["eng_Latn", "cmn_Hans", "deu_Latn"], "tokens_per_byte": [0.25, 0.5, 0.25]})
+    recipe = dataclasses.replace(RECIPE, tier_high=1, tier_mid=2)
+    stats = language_stats([tmp_path / "docs.parquet"], tmp_path / "lid.parquet", fertility, recipe)
+    rows = {r["lang"]: r for r in stats.iter_rows(named=True)}
+    assert rows["eng_Latn"] == {"lang": "eng_Latn", "docs": 2, "tokens_est": 375, "bytes": 1500, "tier": "high", "rank": 1}
+    assert (rows["cmn_Hans"]["tokens_est"], rows["cmn_Hans"]["tier"]) == (300, "mid")
+    assert (rows["deu_Latn"]["docs"], rows["deu_Latn"]["tokens_est"], rows["deu_Latn"]["tier"]) == (1, 75, "low")

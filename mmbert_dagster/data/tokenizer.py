@@ -333,3 +333,35 @@ def copy_tokenizer_json(tokenizer_dir: Path, dest: Path) -> Path:
 
 def nfc(text: str) -> str:
     return unicodedata.normalize("NFC", text)
+
+
+def tokens_per_byte(tokenizer_dir: Path, docs: pl.DataFrame, cfg: TokenizerConfig, seed: int) -> pl.DataFrame:
+    """Measured fertility per language: (lang, tokens_per_byte), tokens without special tokens divided by UTF-8
+    bytes, on the same deterministic per-language sample the tokenizer is trained on (``docs``: lang, text).
+
+    language_stats uses it to turn each language's bytes into tokens, so stage budgets (in tokens) are met by the
+    shards whatever the script: a Chinese byte and a Latin byte cost very different numbers of tokens.
+    """
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
+    tokens: dict[str, int] = defaultdict(int)
+    nbytes: dict[str, int] = defaultdict(int)
+    batch: list[tuple[str, str]] = []
+
+    def flush() -> None:
+        for (lang, text), enc in zip(batch, tok.encode_batch([t for _, t in batch], add_special_tokens=False)):
+            tokens[lang] += len(enc.ids)
+            nbytes[lang] += len(text.encode("utf-8"))
+        batch.clear()
+
+    for pair in sample_for_tokenizer(docs, cfg, seed):
+        batch.append(pair)
+        if len(batch) >= 512:
+            flush()
+    flush()
+    langs = sorted(nbytes)
+    return pl.DataFrame(
+        {"lang": langs, "tokens_per_byte": [tokens[lang] / max(nbytes[lang], 1) for lang in langs]},
+        schema={"lang": pl.String, "tokens_per_byte": pl.Float64},
+    )
