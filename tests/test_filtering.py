@@ -148,8 +148,9 @@ def test_junk_is_dropped_by_the_right_step_with_datatrove_reason(tmp_path):
     report, out = _run(tmp_path, rows)
     drops = _drops(out)
     assert drops["short"] == ("normalize", "too_short")
-    assert drops["soup"] == ("gopher_quality", "gopher_below_alpha_threshold")
-    assert drops["repeat"] == ("gopher_repetition", "dup_line_frac")
+    # filters run cheapest first: FineWeb's line checks see the symbol soup before Gopher does
+    assert drops["soup"] == ("fineweb_quality", "line_punct_ratio")
+    assert drops["repeat"] == ("fineweb_quality", "char_dup_ratio")
     assert "good" not in drops
     assert report.docs_out == 1
 
@@ -172,7 +173,7 @@ def test_unknown_language_codes_do_not_crash_and_normal_text_is_kept(tmp_path, c
 
 def test_unknown_script_junk_is_still_dropped(tmp_path):
     _, out = _run(tmp_path, [("soup", "und", SYMBOL_SOUP), ("short", "xyz_Zzzz", TOO_SHORT)])
-    assert _drops(out) == {"soup": ("gopher_quality", "gopher_below_alpha_threshold"),
+    assert _drops(out) == {"soup": ("fineweb_quality", "line_punct_ratio"),
                            "short": ("normalize", "too_short")}
 
 
@@ -285,3 +286,11 @@ def test_word_splitting_follows_the_script():
     assert tok("图书馆iPhone。") == ["图", "书", "馆", "iPhone", "。"]
     assert tok("नमस्ते दुनिया।") == ["नमस्ते", "दुनिया", "।"]
     assert tok("ห้องสมุด") == ["ห้", "อ", "ง", "ส", "มุ", "ด"]  # letters with their marks, not code points
+
+
+def test_repeated_phrases_in_one_paragraph_are_dropped_by_gopher_repetition(tmp_path):
+    spam = "Buy cheap watches online today and you get the best price of the year. " * 30
+    _, out = _run(tmp_path, [("spam", "eng_Latn", spam), ("good", "eng_Latn", TEXTS["eng_Latn"])])
+    drops = _drops(out)
+    assert set(drops) == {"spam"}
+    assert drops["spam"][0] == "gopher_repetition"

@@ -6,7 +6,7 @@ datatrove's reason code):
 1. ``normalize``: ftfy fixes (mojibake, HTML entities, terminal escapes, NFC) through datatrove's ``FTFYFormatter``,
    then control characters are stripped and line ends unified; documents shorter than ``min_doc_chars`` are dropped
    (reason ``too_short``).
-2. ``gopher_quality``, ``gopher_repetition``, ``fineweb_quality``: datatrove's filters, with the thresholds of
+2. ``fineweb_quality``, ``gopher_quality``, ``gopher_repetition`` (cheapest first): datatrove's filters, with the thresholds of
    :class:`~mmbert_dagster.recipe.FilterConfig`, applied per *script profile* (see below).
 3. ``minhash_dedup``: datatrove's four MinHash stages (signatures, buckets, cluster, filter). Of each cluster
    the document with the smallest ``doc_id`` is kept (datatrove's choice depends on the task layout, so the
@@ -95,7 +95,7 @@ from datatrove.utils.word_tokenizers import WhitespaceTokenizer
 from mmbert_dagster.recipe import FilterConfig
 
 INPUT_COLUMNS = ("doc_id", "source", "declared_lang", "text")
-STEPS = ("normalize", "gopher_quality", "gopher_repetition", "fineweb_quality", "minhash_dedup", "exact_dedup")
+STEPS = ("normalize", "fineweb_quality", "gopher_quality", "gopher_repetition", "minhash_dedup", "exact_dedup")
 DROPS_SCHEMA = {"doc_id": pl.String, "declared_lang": pl.String, "step": pl.String, "reason": pl.String,
                 "bytes": pl.Int64}
 COUNTS_SCHEMA = {"declared_lang": pl.String, "step": pl.String, "reason": pl.String, "docs": pl.Int64,
@@ -417,9 +417,12 @@ def _run_datatrove(spec: dict, log: Callable[[str], None]) -> dict[str, float]:
         "ftfy": Ftfy(normalization="NFC"),
         "strip_controls": StripControls(),
         "normalize": MinChars(cfg.min_doc_chars, DropWriter(str(excl / "normalize"), "normalize")),
+        # Cheapest first: each document is dropped by the first filter that rejects it, so putting the cheap
+        # FineWeb line checks (≈2 % of the filter time, ≈20 % of the drops on the embedded corpus) before the
+        # Gopher repetition n-gram counting (≈45 % of the time) saves that share of the expensive work.
         **{step: PerProfileFilter(step, make, cfg, DropWriter(str(excl / step), step))
-           for step, make in (("gopher_quality", _gopher_quality), ("gopher_repetition", _gopher_repetition),
-                              ("fineweb_quality", _fineweb_quality))},
+           for step, make in (("fineweb_quality", _fineweb_quality), ("gopher_quality", _gopher_quality),
+                              ("gopher_repetition", _gopher_repetition))},
         "write_filtered": DocWriter(str(run / "filtered")),
         "minhash_signatures": MinhashDedupSignature(str(run / "minhash" / "signatures"), config=minhash,
                                                     language=WORD_TOKENIZER),
@@ -435,7 +438,7 @@ def _run_datatrove(spec: dict, log: Callable[[str], None]) -> dict[str, float]:
         if name == "minhash_signatures":  # its timer also runs while it pulls documents through the steps above
             seconds[name] = round(max(seconds[name] - sum(v for k, v in seconds.items() if k != name), 0.0), 3)
         counts = st["stats"]
-        if name in ("normalize", "gopher_quality", "gopher_repetition", "fineweb_quality"):
+        if name in ("normalize", "fineweb_quality", "gopher_quality", "gopher_repetition"):
             total, kept = (_count(counts.get(k, 0)) for k in ("total", "forwarded"))
             log(f"filter {name}: {total} docs in, {kept} out, {seconds[name]:.1f}s (summed over {tasks} task(s))")
     log(f"filter: normalize + quality filters + signatures took {wall:.1f}s wall")
