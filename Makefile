@@ -16,7 +16,7 @@ export TOKENIZERS_PARALLELISM ?= false
 env: $(STAMP)
 
 # torch first and pinned: it is the CPU build on this machine's disk; any other spec pulls a CUDA build.
-$(STAMP): pyproject.toml scripts/activate.sh
+$(STAMP): pyproject.toml scripts/activate.sh scripts/install_activation.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
@@ -24,8 +24,11 @@ $(STAMP): pyproject.toml scripts/activate.sh
 	$(BIN)/python scripts/install_activation.py $(VENV)
 	touch $(STAMP)
 
-demo: env
+$(DAGSTER_HOME)/dagster.yaml: scripts/dagster.yaml
 	mkdir -p "$(DAGSTER_HOME)"
+	cp scripts/dagster.yaml "$@"
+
+demo: env $(DAGSTER_HOME)/dagster.yaml
 	@start=$$(date +%s); \
 	$(BIN)/dagster asset materialize -m mmbert_dagster.definitions --select '*' && \
 	echo "materialized the whole graph in $$(( $$(date +%s) - start )) s; artifacts under $(MMBERT_HOME)/$${MMBERT_PRESET:-tiny}/"
@@ -33,8 +36,7 @@ demo: env
 test: env
 	$(BIN)/python -m pytest -q
 
-ui: env
-	mkdir -p "$(DAGSTER_HOME)"
+ui: env $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/dagster dev -h 127.0.0.1 -p 3000
 
 clean:

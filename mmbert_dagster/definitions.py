@@ -2,10 +2,10 @@
 
 from dagster import Definitions, load_asset_checks_from_modules, load_assets_from_modules
 
-from mmbert_dagster.assets import data, mixtures, tokens
+from mmbert_dagster.assets import data, mixtures, tokens, training
 from mmbert_dagster.resources import default_resources
 
-_modules = [data, mixtures, tokens]
+_modules = [data, mixtures, tokens, training]
 
 defs = Definitions(
     assets=load_assets_from_modules(_modules),

@@ -52,3 +52,18 @@ def bar_chart(labels: list[str], values: list[float], title: str, ylabel: str):
 def bar_chart_md(df: pl.DataFrame, label: str, value: str, title: str, ylabel: str) -> str:
     """A bar chart of ``df[value]`` by ``df[label]`` as embeddable Markdown."""
     return png_markdown(bar_chart(df[label].to_list(), df[value].to_list(), title, ylabel), title)
+
+
+def line_chart_md(values: list[float], title: str, xlabel: str, ylabel: str) -> str:
+    """A line plot of ``values`` against their index as embeddable Markdown (loss curves)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.0, 3.0))
+    ax.plot(range(1, len(values) + 1), values, color="#C44E52")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    return png_markdown(fig, title)

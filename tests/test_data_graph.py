@@ -1,5 +1,6 @@
-"""The data half of the asset graph end to end, through Dagster: in-process `materialize`, staleness after a
-recipe change, and the bare `dagster asset materialize` CLI from the repository root."""
+"""The asset graph end to end, through Dagster: in-process `materialize` of every asset and check (data half
+and the five training stages, on a subset of the embedded corpus and small budgets), staleness after a recipe
+change, and the bare `dagster asset materialize` CLI from the repository root."""
 
 import importlib
 import os
@@ -20,6 +21,7 @@ DATA_KEYS = {
     *(f"mixture_{s}" for s in ("pretrain", "midtrain", "decay_eng", "decay_cont", "decay_all")),
     "tokenizer", *(f"shards_{s}" for s in ("pretrain", "midtrain", "decay_eng", "decay_cont", "decay_all")),
 }
+TRAINING_KEYS = {"pretrain_checkpoint", "midtrain_checkpoint", "decay_eng", "decay_cont", "decay_all"}
 
 
 def subset_corpus(path: Path) -> None:
@@ -81,11 +83,11 @@ def materialization_count(instance, key: str) -> int:
 
 
 @pytest.mark.slow
-def test_whole_data_half_materializes_with_passing_checks(graph):
+def test_whole_graph_materializes_with_passing_checks(graph):
     result = graph["result"]
     assert result.success
     keys = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
-    assert keys == DATA_KEYS
+    assert keys == DATA_KEYS | TRAINING_KEYS
     checks = result.get_asset_check_evaluations()
     failed = [(c.asset_key.to_user_string(), c.check_name, c.metadata) for c in checks if not c.passed]
     assert not failed
@@ -96,6 +98,12 @@ def test_whole_data_half_materializes_with_passing_checks(graph):
     assert mix.height > pl.read_parquet(root / "mixture_pretrain" / "mixture.parquet").height
     assert (root / "tokenizer" / "tokenizer.json").is_file()
     assert (root / "raw_corpus" / "heldout.parquet").is_file()
+    from transformers import AutoModelForMaskedLM, pipeline
+
+    for key in TRAINING_KEYS:
+        AutoModelForMaskedLM.from_pretrained(root / key)  # a plain Hugging Face folder, offline
+    fill = pipeline("fill-mask", model=str(root / "decay_all"))
+    assert len(fill("Alle Menschen sind frei und gleich an [MASK] geboren.")) == 5
 
 
 @pytest.mark.slow
@@ -119,7 +127,7 @@ def test_bare_cli_materializes_a_selection_from_the_repo_root(graph):
 
 
 @pytest.mark.slow
-def test_changing_tau_makes_only_that_stage_mixture_and_shards_stale(graph, tmp_path):
+def test_changing_tau_makes_only_that_stage_mixture_shards_and_checkpoints_stale(graph, tmp_path):
     from dagster._utils.test.data_versions import get_stale_status_resolver
     from dagster._core.definitions.data_version import StaleStatus
 
@@ -130,8 +138,12 @@ def test_changing_tau_makes_only_that_stage_mixture_and_shards_stale(graph, tmp_
         defs = load_definitions()
         assert "name = \"e2e\"" in changed.read_text()
         resolver = get_stale_status_resolver(graph["instance"], list(defs.assets))
-        stale = {k for k in DATA_KEYS if resolver.get_status(AssetKey(k)) != StaleStatus.FRESH}
-        assert stale == {"mixture_midtrain", "shards_midtrain"}
+        stale = {k for k in DATA_KEYS | TRAINING_KEYS if resolver.get_status(AssetKey(k)) != StaleStatus.FRESH}
+        # the corpus, language ID, tokenizer and the other stages' data stay fresh; mid-training and the decays
+        # (trained from its checkpoint) are stale because their data changes
+        assert stale & DATA_KEYS == {"mixture_midtrain", "shards_midtrain"}
+        assert stale & TRAINING_KEYS == {"midtrain_checkpoint", "decay_eng", "decay_cont", "decay_all"}
+        stale &= DATA_KEYS
         raw_mtime = (graph["home"] / "e2e" / "raw_corpus" / "MANIFEST.json").stat().st_mtime_ns
         selection = [a for a in defs.assets if {k.to_user_string() for k in a.keys} & stale]
         result = materialize(selection, resources=defs.resources, instance=graph["instance"],
@@ -144,6 +156,7 @@ def test_changing_tau_makes_only_that_stage_mixture_and_shards_stale(graph, tmp_
         assert (graph["home"] / "e2e" / "raw_corpus" / "MANIFEST.json").stat().st_mtime_ns == raw_mtime
         resolver = get_stale_status_resolver(graph["instance"], list(defs.assets))
         assert {k for k in DATA_KEYS if resolver.get_status(AssetKey(k)) != StaleStatus.FRESH} == set()
+        assert resolver.get_status(AssetKey("pretrain_checkpoint")) == StaleStatus.FRESH
     finally:
         os.environ["MMBERT_PRESET"] = str(RECIPE)
         load_definitions()

@@ -1,0 +1,122 @@
+"""Training assets: one shared training core (mmbert_dagster.train.run_stage) for every stage, in the `gpu` pool
+so two stages never train on one device at once."""
+
+import json
+import math
+
+import polars as pl
+from dagster import AssetCheckResult, AssetExecutionContext, AssetKey, AssetsDefinition, MaterializeResult, MetadataValue, asset, asset_check
+
+from mmbert_dagster.train import loop
+from mmbert_dagster.train.distributed import run_stage_distributed
+from mmbert_dagster.report import line_chart_md
+from mmbert_dagster.resources import ArtifactStore, Compute
+
+from ._common import RECIPE, code_version
+
+# asset key -> (stage, the checkpoint it continues from)
+TRAINING = {
+    "pretrain_checkpoint": ("pretrain", None),
+    "midtrain_checkpoint": ("midtrain", "pretrain_checkpoint"),
+    "decay_eng": ("decay_eng", "midtrain_checkpoint"),
+    "decay_cont": ("decay_cont", "midtrain_checkpoint"),
+    "decay_all": ("decay_all", "midtrain_checkpoint"),
+}
+HELDOUT_DOCS = 64  # held-out UDHR articles (never trained on) scored for the held-out MLM loss
+FILL_MASK_PROBES = {  # one masked word per language; shown as metadata so every checkpoint can be eyeballed
+    "eng_Latn": "All human beings are born free and equal in [MASK] and rights.",
+    "deu_Latn": "Alle Menschen sind frei und gleich an Würde und [MASK] geboren.",
+    "fra_Latn": "Tous les êtres humains naissent libres et égaux en dignité et en [MASK].",
+    "spa_Latn": "Todos los seres humanos nacen libres e iguales en dignidad y [MASK].",
+}
+
+
+def heldout_texts(store: ArtifactStore, langs: list[str]) -> list[str]:
+    path = store.require("raw_corpus") / "heldout.parquet"
+    if not path.exists():
+        return []
+    heldout = pl.read_parquet(path).filter(pl.col("declared_lang").is_in(langs)).sort("doc_id")
+    step = max(1, heldout.height // HELDOUT_DOCS)
+    return heldout["text"].to_list()[::step][:HELDOUT_DOCS]
+
+
+def fill_mask_examples(model_dir) -> str:
+    from transformers import pipeline
+
+    fill = pipeline("fill-mask", model=str(model_dir), tokenizer=str(model_dir), device="cpu", top_k=3)
+    rows = []
+    for lang, sentence in FILL_MASK_PROBES.items():
+        guesses = ", ".join(f"{p['token_str'].strip()!r} ({p['score']:.2f})" for p in fill(sentence))
+        rows.append(f"| {lang} | {sentence} | {guesses} |")
+    return "| lang | sentence | top 3 |\n|---|---|---|\n" + "\n".join(rows)
+
+
+def build_training_asset(key: str) -> AssetsDefinition:
+    stage_name, init_key = TRAINING[key]
+    deps = [f"shards_{stage_name}", f"mixture_{stage_name}", "tokenizer", "raw_corpus", *([init_key] if init_key else [])]
+
+    @asset(name=key, group_name="training", deps=deps, pool="gpu",
+           code_version=code_version("model", "seed", f"stages.{stage_name}", modules=(loop,)))
+    def _train(context: AssetExecutionContext, store: ArtifactStore, compute: Compute) -> MaterializeResult:
+        stage = RECIPE.stage(stage_name)
+        mixture_langs = pl.read_parquet(store.require(f"mixture_{stage_name}") / "mixture.parquet")["lang"].to_list()
+        # Resume state lives outside the artifact folder while training, so a killed run resumes from it.
+        state_dir = store.root_path() / ".work" / RECIPE.name / key
+        kwargs = dict(
+            shards_dir=store.require(f"shards_{stage_name}"), tokenizer_dir=store.require("tokenizer"),
+            state_dir=state_dir, init_from=store.require(init_key) if init_key else None,
+            heldout_texts=heldout_texts(store, mixture_langs), seed=RECIPE.seed, device=compute.device,
+            log=context.log.info,
+        )
+        with store.write(key) as out:
+            if compute.nproc_per_node > 1:
+                metrics = run_stage_distributed(stage, RECIPE.model, compute.nproc_per_node, out_dir=out, **kwargs)
+            else:
+                metrics = loop.run_stage(stage, RECIPE.model, out_dir=out, **kwargs)
+        examples = fill_mask_examples(store.path(key))
+        context.log.info(f"{key}: fill-mask examples\n{examples}")
+        losses = metrics["losses"]
+        return MaterializeResult(
+            metadata={
+                "path": MetadataValue.path(str(store.path(key))),
+                "steps": metrics["steps"],
+                "tokens": metrics["tokens"],
+                "tokens_per_s": round(metrics["tokens_per_s"], 1),
+                "initial_loss": metrics["initial_loss"],
+                "final_loss": metrics["final_loss"],
+                "heldout_loss": metrics["heldout_loss"],
+                "seconds": round(metrics["seconds"], 1),
+                "mask_rate": stage.mask_rate,
+                "context_length": stage.context_length,
+                "rope_theta": stage.rope_theta,
+                "loss_curve": MetadataValue.md(line_chart_md(losses, f"{key}: training loss", "step", "MLM loss")),
+                "fill_mask": MetadataValue.md(examples),
+            }
+        )
+
+    return _train
+
+
+def read_summary(store: ArtifactStore, key: str) -> dict:
+    return json.loads((store.require(key) / loop.SUMMARY_JSON).read_text())
+
+
+def build_training_check(key: str):
+    @asset_check(asset=AssetKey(key), name="loss_is_finite_and_decreasing", blocking=True,
+                 description="Every step's loss is finite, the final loss is below the first, held-out loss reported")
+    def _check(store: ArtifactStore) -> AssetCheckResult:
+        summary = read_summary(store, key)
+        losses = summary["losses"]
+        finite = all(math.isfinite(x) for x in losses) and math.isfinite(summary["heldout_loss"])
+        decreasing = summary["final_loss"] < summary["initial_loss"]
+        return AssetCheckResult(
+            passed=finite and decreasing,
+            metadata={"finite": finite, "initial_loss": summary["initial_loss"],
+                      "final_loss": summary["final_loss"], "heldout_loss": summary["heldout_loss"]},
+        )
+
+    return _check
+
+
+training_assets = [build_training_asset(k) for k in TRAINING]
+training_checks = [build_training_check(k) for k in TRAINING]

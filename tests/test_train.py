@@ -1,0 +1,458 @@
+"""The training core (mmbert_dagster.train): attention, packing, masking, schedule, checkpoints, loop, DDP."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import copy
+import dataclasses
+import json
+import shutil
+from itertools import pairwise
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from mmbert_dagster.data.shards import build_shards
+from mmbert_dagster.data.tokenizer import train_tokenizer
+from mmbert_dagster.recipe import ModelShape, Stage, TokenizerConfig
+from mmbert_dagster.train.attention import ATTN_NAME, flash_varlen_func
+from mmbert_dagster.train.checkpoint import CheckpointError
+from mmbert_dagster.train.loop import run_stage
+from mmbert_dagster.train.masking import mask_batch, mask_tokens, micro_batch_generator
+from mmbert_dagster.train.model import build_model, context_of, extend_context, load_model
+from mmbert_dagster.train.optim import micro_batch_geometry
+from mmbert_dagster.train.packing import IGNORE, DataPosition, Packer, collate, split_document
+from mmbert_dagster.train.schedule import lr_at, total_steps_for, warmup_steps_for
+
+SPECIALS = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
+VOCAB = 300
+SHAPE = ModelShape(layers=3, hidden=64, intermediate=96, heads=2, global_every=3, local_window=32)
+STAGE = Stage(
+    name="pretrain", languages=2, tau=0.7, tokens=5 * 1024, max_repeat=5.0, english_boost=1.0, mask_rate=0.3,
+    context_length=128, rope_theta=10_000.0, lr_peak=1e-3, lr_final=1e-3, warmup_tokens=2048, lr_decay="none",
+    batch_tokens=1024, weight_decay=1e-5, betas=(0.9, 0.98), grad_clip=1.0, init_from="",
+)
+QUIET = lambda *_: None
+
+
+def random_doc(rng: np.random.Generator, n: int) -> np.ndarray:
+    """``[CLS] n-2 ordinary tokens [SEP]``."""
+    return np.concatenate([[SPECIALS["cls"]], rng.integers(5, VOCAB, n - 2), [SPECIALS["sep"]]]).astype(np.int64)
+
+
+def reference_copy(model, attn: str = "sdpa"):
+    """The same weights under transformers' own attention (deep-copied config: _from_config mutates it)."""
+    ref = type(model)._from_config(copy.deepcopy(model.config), attn_implementation=attn).eval()
+    ref.load_state_dict(model.state_dict())
+    return ref
+
+
+# ------------------------------------------------------------------------------------------ attention
+
+
+@pytest.mark.parametrize("window, lengths", [
+    (16, [40, 100, 7, 70, 9, 64, 55]),  # 9 = w + 1 (no mask needed); 64+ = blockwise; the rest band-masked
+    (128, [600, 200, 60, 130]),  # the real window: band mask (200) and blockwise (600) paths
+])
+def test_packed_loss_equals_per_document_loss(window, lengths):
+    torch.manual_seed(0)
+    shape = dataclasses.replace(SHAPE, local_window=window)
+    model = build_model(shape, VOCAB, SPECIALS, 1024, 10_000.0).eval()
+    assert model.config._attn_implementation == ATTN_NAME
+    ref = reference_copy(model)
+    rng = np.random.default_rng(0)
+    docs = [random_doc(rng, n) for n in lengths]
+    batch = mask_batch(collate(docs), 0.3, mask_id=SPECIALS["mask"], vocab_size=VOCAB,
+                       special_ids=SPECIALS.values(), generator=torch.Generator().manual_seed(1))
+
+    packed = model(**batch.model_inputs())
+    packed_loss = packed.loss
+    packed_loss.backward()
+    packed_grad = model.model.embeddings.tok_embeddings.weight.grad.clone()
+
+    n_pred = int((batch.labels != IGNORE).sum())
+    total = 0.0
+    bounds = batch.cu_seqlens.tolist()
+    for s, e in pairwise(bounds):
+        ids, labels = batch.input_ids[:, s:e], batch.labels[:, s:e]
+        out = ref(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(n_pred))  # sum CE / all predictions
+        total = total + out.loss
+    total.backward()
+    with torch.no_grad():
+        logits = [ref(input_ids=torch.from_numpy(d)[None]).logits[0] for d in docs]
+    with torch.no_grad():
+        dense = model(**collate(docs).model_inputs()).logits[0]
+    assert torch.allclose(dense, torch.cat(logits), atol=1e-5), (dense - torch.cat(logits)).abs().max()
+    assert packed_loss.item() == pytest.approx(total.item(), abs=1e-5)
+    ref_grad = ref.model.embeddings.tok_embeddings.weight.grad
+    assert torch.allclose(packed_grad, ref_grad, atol=1e-6), (packed_grad - ref_grad).abs().max()
+
+    # the test has teeth: one block-diagonal mask for all layers (sliding layers see whole documents) is wrong
+    doc_of = torch.repeat_interleave(torch.arange(len(docs)), torch.tensor([d.size for d in docs]))
+    block = (doc_of[:, None] == doc_of[None, :])[None, None]
+    with torch.no_grad():
+        wrong = ref(input_ids=collate(docs).input_ids,
+                    attention_mask={"full_attention": block, "sliding_attention": block}).logits[0]
+    assert (wrong - dense).abs().max() > 1e-4
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    torch.manual_seed(0)
+    model = build_model(SHAPE, VOCAB, SPECIALS, 128, 10_000.0)
+    rng = np.random.default_rng(3)
+    docs = [random_doc(rng, int(n)) for n in rng.integers(20, 120, 8)]
+    masked = [mask_batch(collate([d]), 0.3, mask_id=4, vocab_size=VOCAB, special_ids=SPECIALS.values(),
+                         generator=torch.Generator().manual_seed(i)) for i, d in enumerate(docs)]
+    n_pred = torch.tensor(sum(int((b.labels != IGNORE).sum()) for b in masked))
+
+    def row(parts):
+        b = collate([p.input_ids[0].numpy() for p in parts])
+        b.labels = torch.cat([p.labels for p in parts], dim=1)
+        return b
+
+    def grads(rows):
+        model.zero_grad()
+        for b in rows:
+            model(**b.model_inputs(), num_items_in_batch=n_pred).loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    one = grads([row(masked)])
+    accumulated = grads([row(masked[:3]), row(masked[3:5]), row(masked[5:])])
+    assert torch.allclose(one, accumulated, atol=1e-6)
+    assert micro_batch_geometry(4096, 1024, 2, 256) == (2, 1024)
+    assert micro_batch_geometry(4096, 8192, 1, 256) == (1, 4096)
+    assert micro_batch_geometry(1000, 300, 1, 512) == (4, 512)  # a context-length piece must fit
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and flash_varlen_func()), reason="needs CUDA and flash-attn")
+def test_flash_attention_varlen_matches_per_document_sdpa():
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(SHAPE, local_window=16), VOCAB, SPECIALS, 1024, 10_000.0).cuda().eval()
+    ref = reference_copy(model).cuda()
+    rng = np.random.default_rng(0)
+    docs = [random_doc(rng, n) for n in (40, 100, 7, 300)]
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        packed = model(**collate(docs).model_inputs("cuda")).logits[0].float()
+        per = torch.cat([ref(input_ids=torch.tensor(d, device="cuda")[None]).logits[0].float() for d in docs])
+    assert (packed - per).abs().max() < 5e-2  # bf16
+
+
+# ------------------------------------------------------------------------------------------ packing
+
+
+def test_long_documents_are_cut_into_wrapped_pieces_of_at_most_context_length():
+    rng = np.random.default_rng(0)
+    doc = random_doc(rng, 300)
+    pieces = split_document(doc, 128, SPECIALS["cls"], SPECIALS["sep"])
+    assert len(pieces) == 3 and all(p.size <= 128 for p in pieces)
+    assert max(p.size for p in pieces) - min(p.size for p in pieces) <= 1  # equal sizes, no tiny tail
+    assert all(p[0] == SPECIALS["cls"] and p[-1] == SPECIALS["sep"] for p in pieces)
+    assert np.array_equal(np.concatenate([p[1:-1] for p in pieces]), doc[1:-1])  # nothing lost or repeated
+    short = random_doc(rng, 128)
+    assert [p.tolist() for p in split_document(short, 128, 2, 3)] == [short.tolist()]
+
+
+def test_packer_is_deterministic_resumable_and_splits_ranks_disjointly():
+    rng = np.random.default_rng(1)
+    docs = [random_doc(rng, int(n)) for n in rng.normal(100, 60, 60).clip(5, 400)]
+
+    def packer(**kw):
+        return Packer(docs, 512, 128, SPECIALS, **kw)
+
+    p = packer(cycle=False)
+    batches = list(p)
+    content = []
+    for b in batches:
+        assert b.n_tokens <= 512 and b.labels is None
+        bounds = b.cu_seqlens.tolist()
+        assert bounds[0] == 0 and bounds[-1] == b.n_tokens and b.cu_seqlens.dtype == torch.int32
+        assert b.max_seqlen == max(e - s for s, e in pairwise(bounds)) <= 128
+        for s, e in pairwise(bounds):
+            assert b.position_ids[0, s:e].tolist() == list(range(e - s))  # restart per document
+            assert b.input_ids[0, s] == SPECIALS["cls"] and b.input_ids[0, e - 1] == SPECIALS["sep"]
+            content.append(b.input_ids[0, s + 1:e - 1].numpy())
+    assert np.array_equal(np.concatenate(content), np.concatenate([d[1:-1] for d in docs]))  # every token once
+
+    # resume: a packer started at the position after batch k continues identically
+    p2 = packer()
+    first = [next(p2) for _ in range(4)]
+    resumed = packer(position=DataPosition.from_dict(json.loads(json.dumps(p2.position.to_dict()))), cycle=False)
+    for a, b in zip(batches[4:], resumed, strict=True):
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.cu_seqlens, b.cu_seqlens)
+    assert all(torch.equal(a.input_ids, b.input_ids) for a, b in zip(batches, first))
+    # cycling: after the last document the next epoch starts again at document 0 (of this rank)
+    p3 = packer()
+    for _ in range(len(batches)):
+        next(p3)
+    assert p3.position.epoch == 1
+
+    # two ranks read disjoint documents that together are all of them
+    seen = []
+    for rank in (0, 1):
+        for b in Packer(docs, 512, 128, SPECIALS, rank=rank, world=2, cycle=False):
+            bounds = b.cu_seqlens.tolist()
+            seen += [tuple(b.input_ids[0, s + 1:e - 1].tolist()) for s, e in pairwise(bounds)]
+    pieces = [tuple(p[1:-1].tolist()) for d in docs for p in split_document(d, 128, 2, 3)]
+    assert sorted(seen) == sorted(pieces)
+
+
+# ------------------------------------------------------------------------------------------ masking
+
+
+def test_masking_rate_80_10_10_split_and_never_special_tokens():
+    rng = np.random.default_rng(0)
+    ids = torch.from_numpy(rng.integers(5, 1000, 200_000))
+    special_pos = torch.from_numpy(rng.random(ids.numel()) < 0.05)
+    ids[special_pos] = torch.from_numpy(rng.choice([0, 1, 2, 3], int(special_pos.sum())))
+    masked, labels = mask_tokens(ids, 0.3, mask_id=4, vocab_size=1000, special_ids=SPECIALS.values(),
+                                 generator=torch.Generator().manual_seed(0))
+    selected = labels != IGNORE
+    assert not selected[special_pos].any() and torch.equal(masked[special_pos], ids[special_pos])
+    assert selected.sum() / (~special_pos).sum() == pytest.approx(0.3, abs=0.005)
+    assert torch.equal(labels[selected], ids[selected]) and torch.equal(masked[~selected], ids[~selected])
+    n = int(selected.sum())
+    to_mask = int((masked[selected] == 4).sum())
+    unchanged = int((masked[selected] == ids[selected]).sum())
+    random_ = n - to_mask - unchanged
+    assert to_mask / n == pytest.approx(0.8, abs=0.01)
+    assert unchanged / n == pytest.approx(0.1 + 0.1 / 995, abs=0.01)  # kept, plus random draws of the same id
+    assert random_ / n == pytest.approx(0.1, abs=0.01)
+    assert not torch.isin(masked[selected & (masked != 4)], torch.tensor([0, 1, 2, 3])).any()
+    again, labels2 = mask_tokens(ids, 0.3, mask_id=4, vocab_size=1000, special_ids=SPECIALS.values(),
+                                 generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again, masked) and torch.equal(labels2, labels)  # seeded
+    other, _ = mask_tokens(ids, 0.3, mask_id=4, vocab_size=1000, special_ids=SPECIALS.values(),
+                           generator=micro_batch_generator(0, "pretrain", 0, 1, 0))
+    assert not torch.equal(other, masked)
+    # a tiny input still predicts one token
+    _, few = mask_tokens(torch.tensor([2, 7, 3]), 0.01, mask_id=4, vocab_size=10, special_ids=[0, 1, 2, 3],
+                         generator=torch.Generator().manual_seed(0))
+    assert few.tolist() == [IGNORE, 7, IGNORE]
+
+
+# ------------------------------------------------------------------------------------------ schedule
+
+
+def test_lr_schedule_shapes_at_stage_boundaries():
+    peak, final = 1e-3, 2e-5
+    # warmup: linear to the peak at the last warmup step, then constant ("none")
+    assert lr_at(0, 100, 10, peak, final, "none") == pytest.approx(peak / 10)
+    assert lr_at(9, 100, 10, peak, final, "none") == pytest.approx(peak)
+    assert all(lr_at(s, 100, 10, peak, final, "none") == peak for s in range(10, 100))
+    assert lr_at(0, 100, 0, peak, final, "none") == peak
+    # decays: over the whole stage, peak at the first step, exactly lr_final at the last
+    for decay in ("1-sqrt", "linear"):
+        lrs = [lr_at(s, 100, 0, peak, final, decay) for s in range(100)]
+        assert lrs[0] == pytest.approx(peak) and lrs[-1] == pytest.approx(final, rel=1e-12)
+        assert all(a >= b for a, b in pairwise(lrs))
+    mid = 1 - np.sqrt(0.5)
+    assert lr_at(50, 101, 0, peak, final, "1-sqrt") == pytest.approx(final + (peak - final) * mid)
+    assert lr_at(50, 101, 0, peak, final, "linear") == pytest.approx(final + (peak - final) * 0.5)
+    assert lr_at(10, 50, 10, peak, final, "linear") == pytest.approx(peak)  # decay starts after warmup
+    with pytest.raises(ValueError, match="decay"):
+        lr_at(0, 10, 0, peak, final, "cosine")
+    # steps from tokens
+    assert total_steps_for(STAGE) == 5 and warmup_steps_for(STAGE) == 2
+    assert total_steps_for(dataclasses.replace(STAGE, tokens=100)) == 1
+
+
+# ------------------------------------------------------------------------------------------ model
+
+
+def test_extend_context_changes_global_rope_only_and_is_saved(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(SHAPE, VOCAB, SPECIALS, 128, 10_000.0)
+    local_before = model.model.rotary_emb.sliding_attention_inv_freq.clone()
+    extend_context(model, 1024, 160_000.0)
+    assert context_of(model) == (1024, 160_000.0)
+    assert torch.equal(model.model.rotary_emb.sliding_attention_inv_freq, local_before)
+    model.save_pretrained(str(tmp_path))
+    loaded = load_model(tmp_path)
+    assert context_of(loaded) == (1024, 160_000.0)
+    assert loaded.config.rope_parameters["sliding_attention"]["rope_theta"] == SHAPE.local_rope_theta
+    fresh = build_model(SHAPE, VOCAB, SPECIALS, 1024, 160_000.0)
+    assert torch.allclose(loaded.model.rotary_emb.full_attention_inv_freq,
+                          fresh.model.rotary_emb.full_attention_inv_freq)
+    doc = collate([random_doc(np.random.default_rng(0), 700)])
+    with torch.no_grad():
+        assert torch.allclose(model(**doc.model_inputs()).logits, loaded(**doc.model_inputs()).logits, atol=1e-5)
+    cfg = loaded.config
+    assert (cfg.pad_token_id, cfg.cls_token_id, cfg.sep_token_id, cfg.mask_token_id) == (0, 2, 3, 4)
+    assert cfg.layer_types == ["full_attention", "sliding_attention", "sliding_attention"] and cfg.sparse_prediction
+
+
+# ------------------------------------------------------------------------------------------ the loop
+
+
+WORDS = ("the of and to in is was for that with as on by language people world right free equal born "
+         "der die und das ist nicht mit für auf dem eine Menschen Würde Recht frei gleich").split()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict:
+    """A tiny tokenizer and one stage's shards (documents of ~10 to ~600 tokens)."""
+    root = tmp_path_factory.mktemp("train_data")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(160):
+        lang = ("eng_Latn", "deu_Latn")[i % 2]
+        n_words = int(rng.choice([8, 30, 80, 200, 350]))
+        text = " ".join(rng.choice(WORDS, n_words)) + "."
+        rows.append({"doc_id": f"{lang}-{i:04d}", "source": "synthetic", "declared_lang": lang, "text": text,
+                     "lang": lang})
+    docs = pl.DataFrame(rows)
+    docs.select("doc_id", "source", "declared_lang", "text").write_parquet(root / "docs.parquet")
+    docs.select("doc_id", "lang", pl.lit(True).alias("passed")).write_parquet(root / "lid.parquet")
+    cfg = TokenizerConfig(vocab_size=VOCAB, sample_bytes_per_lang=50_000, min_frequency=2)
+    train_tokenizer(((r["lang"], r["text"]) for r in rows), root / "tokenizer", cfg, log=QUIET)
+    mixture = pl.DataFrame({"stage": ["pretrain"] * 2, "lang": ["eng_Latn", "deu_Latn"], "repeat_factor": [1.0, 1.0]})
+    build_shards([root / "docs.parquet"], root / "lid.parquet", mixture, root / "tokenizer", root / "shards",
+                 seed=0, log=QUIET)
+    heldout = [" ".join(rng.choice(WORDS, 40)) for _ in range(6)]
+    return {"root": root, "shards": root / "shards", "tokenizer": root / "tokenizer", "heldout": heldout}
+
+
+def train(data, name: str, stage: Stage = STAGE, **kw) -> dict:
+    folder = data["root"] / name
+    args = {"shards_dir": data["shards"], "tokenizer_dir": data["tokenizer"], "out_dir": folder / "out",
+            "state_dir": folder / "state", "seed": 0, "micro_batch_tokens": 512, "log": QUIET}
+    return run_stage(stage, SHAPE, **{**args, **kw})
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data) -> dict:
+    return train(data, "full", heldout_texts=data["heldout"], checkpoint_every=100)
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_stage_trains_and_reports_metrics(uninterrupted, data):
+    m = uninterrupted
+    assert m["steps"] == m["total_steps"] == 5 and not m["interrupted"] and m["accum"] == 2
+    assert len(m["losses"]) == len(m["lr"]) == 5 and m["lr"][0] == pytest.approx(5e-4) and m["lr"][2] == 1e-3
+    assert m["final_loss"] < m["initial_loss"] and np.isfinite(m["heldout_loss"])
+    assert 4000 < m["tokens"] <= 5 * 1024 and m["tokens_per_s"] > 0
+    lines = [json.loads(x) for x in (data["root"] / "full/out/logs/metrics.jsonl").read_text().splitlines()]
+    train_lines = [x for x in lines if "train/loss" in x]
+    assert [x["step"] for x in train_lines] == [1, 2, 3, 4, 5]
+    assert all(0.2 < x["train/mask_rate"] < 0.4 for x in train_lines)
+    assert any("heldout/loss" in x for x in lines)
+
+
+def test_stop_at_step_k_then_resume_equals_uninterrupted_run(uninterrupted, data):
+    stopped = train(data, "resumed", checkpoint_every=2, max_steps=3)  # "killed" after step 3, checkpoint at 2
+    assert stopped["interrupted"] and stopped["steps"] == 3
+    assert not (data["root"] / "resumed/out/model.safetensors").exists()
+    state = json.loads((data["root"] / "resumed/state/trainer_state/state.json").read_text())
+    assert state["step"] == 2 and state["positions"][0]["doc"] > 0
+    resumed = train(data, "resumed", heldout_texts=data["heldout"], checkpoint_every=2)
+    assert resumed["resumed_from"] == 2 and resumed["steps"] == 5
+    assert resumed["losses"] == pytest.approx(uninterrupted["losses"], abs=1e-6)
+    assert resumed["heldout_loss"] == pytest.approx(uninterrupted["heldout_loss"], abs=1e-6)
+    a, b = weights(data["root"] / "full/out"), weights(data["root"] / "resumed/out")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
+    steps = [json.loads(x)["step"] for x in (data["root"] / "resumed/out/logs/metrics.jsonl").read_text().splitlines()
+             if "train/loss" in x]
+    assert steps == [1, 2, 3, 4, 5]  # step 3 was trained twice but is logged once
+    # a finished stage run again only rewrites its output
+    again = train(data, "resumed", checkpoint_every=2)
+    assert again["resumed_from"] == 5 and again["losses"] == resumed["losses"]
+
+
+def test_corrupted_or_foreign_checkpoint_is_refused(uninterrupted, data):
+    folder = data["root"] / "bad"
+    shutil.copytree(data["root"] / "full/state", folder / "state")
+    with pytest.raises(CheckpointError, match="seed"):
+        train(data, "bad", seed=1)
+    opt = folder / "state/trainer_state/optimizer.pt"
+    opt.write_bytes(opt.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(CheckpointError, match="optimizer.pt"):
+        train(data, "bad")
+
+
+def test_output_folder_loads_with_automodel_and_fill_mask_pipeline_offline(uninterrupted, data):
+    from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline
+
+    out = data["root"] / "full/out"
+    assert ATTN_NAME not in (out / "config.json").read_text()  # loads without our code
+    model = AutoModelForMaskedLM.from_pretrained(str(out))
+    assert model.config._attn_implementation == "sdpa" and context_of(model) == (128, 10_000.0)
+    tok = AutoTokenizer.from_pretrained(str(out))
+    fill = pipeline("fill-mask", model=str(out))
+    preds = fill(f"the world is {tok.mask_token} and equal")
+    assert len(preds) == 5 and all(np.isfinite(p["score"]) for p in preds)
+    # the saved weights are the trained ones: padded SDPA == packed per-document attention
+    packed_model = load_model(out)
+    enc = tok(["the world is free", "der die und das ist nicht mit für"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        padded = model(**enc).logits
+        docs = [ids[m.bool()].numpy() for ids, m in zip(enc["input_ids"], enc["attention_mask"])]
+        packed = packed_model(**collate(docs).model_inputs()).logits[0]
+    lengths = enc["attention_mask"].sum(1).tolist()
+    assert torch.allclose(packed[:lengths[0]], padded[0, :lengths[0]], atol=1e-4)
+    assert torch.allclose(packed[lengths[0]:], padded[1, :lengths[1]], atol=1e-4)
+
+
+def test_next_stage_continues_from_previous_with_context_extension(uninterrupted, data):
+    mid = dataclasses.replace(STAGE, name="midtrain", tokens=1024, context_length=256, rope_theta=160_000.0,
+                              warmup_tokens=0, mask_rate=0.15, init_from="pretrain")
+    m = train(data, "mid", stage=mid, init_from=data["root"] / "full/out")
+    assert m["steps"] == 1 and m["context"] == [256, 160_000.0]
+    # it started from the trained weights, not from scratch: lower loss than the first pre-training step
+    assert m["initial_loss"] < uninterrupted["initial_loss"]
+    cfg = json.loads((data["root"] / "mid/out/config.json").read_text())
+    assert cfg["max_position_embeddings"] == 256
+    assert cfg["rope_parameters"]["full_attention"]["rope_theta"] == 160_000.0
+    assert cfg["rope_parameters"]["sliding_attention"]["rope_theta"] == 10_000.0
+
+
+def _gloo_available() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_gloo_available() and shutil.which("torchrun") is not None
+
+
+@pytest.mark.skipif(not _gloo_available(), reason="needs torch.distributed with gloo and torchrun")
+def test_two_process_torchrun_gloo_step(data):
+    from mmbert_dagster.train.distributed import run_stage_distributed
+
+    stage = dataclasses.replace(STAGE, tokens=2 * 1024)
+    folder = data["root"] / "ddp"
+    lines = []
+    m = run_stage_distributed(stage, SHAPE, 2, log=lines.append, shards_dir=data["shards"],
+                              tokenizer_dir=data["tokenizer"], out_dir=folder / "out", state_dir=folder / "state",
+                              seed=0, device="cpu", micro_batch_tokens=512, checkpoint_every=1)
+    assert m["world"] == 2 and m["steps"] == 2 and m["accum"] == 1 and np.isfinite(m["final_loss"])
+    state = json.loads((folder / "state/trainer_state/state.json").read_text())
+    assert [p["doc"] % 2 for p in state["positions"]] == [0, 1]  # each rank its own slice
+    assert (folder / "out/model.safetensors").is_file()
+    assert any("step 2/2" in line for line in lines)
+
+
+def test_metrics_log_drops_steps_trained_again_after_resume(tmp_path):
+    from mmbert_dagster.train.metrics import MetricsLog
+
+    log = MetricsLog(tmp_path)
+    for step in (1, 2, 3):
+        log.write(step, {"loss": 1.0 / step})
+    log.write(3, {"loss": 0.5}, prefix="heldout")
+    log.close()
+    resumed = MetricsLog(tmp_path, resume_step=2)
+    resumed.write(3, {"loss": 0.3})
+    resumed.close()
+    rows = [json.loads(x) for x in (tmp_path / "logs/metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r.get("train/loss")) for r in rows] == [(1, 1.0), (2, 0.5), (3, 0.3)]
+    if resumed.tensorboard:  # only where the tensorboard package is installed
+        assert list((tmp_path / "logs/tensorboard").glob("events.out.tfevents.*"))
