@@ -112,6 +112,7 @@ class Compute(ConfigurableResource):
     data_workers: int = 1  # datatrove local workers
     device: str = "auto"  # auto | cpu | cuda
     nproc_per_node: int = 1  # torchrun processes per node for training assets
+    checkpoint_every: int = 25  # optimizer steps between resume checkpoints of a training stage
 
 
 def default_resources() -> dict:
