@@ -110,10 +110,21 @@ def train_model(train: list[tuple[str, str]], out_path: Path, cfg: LanguageIdCon
                 lang, text = train[i]
                 f.write(f"{LABEL}{lang} {text}\n")
         start = time.perf_counter()
-        model = fasttext.train_supervised(
-            input=str(data), epoch=cfg.epochs, dim=cfg.dim, minCount=cfg.min_count, minn=cfg.char_ngrams[0],
-            maxn=cfg.char_ngrams[1], wordNgrams=cfg.word_ngrams, bucket=cfg.buckets, lr=cfg.lr, loss="softmax", thread=2, seed=seed, verbose=0,
-        )
+        lr = cfg.lr
+        while True:
+            try:
+                model = fasttext.train_supervised(
+                    input=str(data), epoch=cfg.epochs, dim=cfg.dim, minCount=cfg.min_count, minn=cfg.char_ngrams[0],
+                    maxn=cfg.char_ngrams[1], wordNgrams=cfg.word_ngrams, bucket=cfg.buckets, lr=lr, loss="softmax",
+                    thread=2, seed=seed, verbose=0,
+                )
+                break
+            except RuntimeError as e:
+                # fastText's lock-free SGD can diverge at a high learning rate on small data ("Encountered NaN");
+                # halving it is what fastText's own docs suggest.
+                if "NaN" not in str(e) or lr < cfg.lr / 8:
+                    raise LanguageIdError(f"fastText training failed at lr={lr}: {e}") from e
+                lr /= 2
         seconds = time.perf_counter() - start
     model.save_model(str(out_path))
     return seconds
