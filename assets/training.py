@@ -21,13 +21,15 @@ from dagster import (
 )
 
 from mmbert_dagster.artifacts import MANIFEST
-from mmbert_dagster.train import loop
-from mmbert_dagster.train.distributed import run_stage_distributed
-from mmbert_dagster.train.metrics import loss_ends
 from mmbert_dagster.report import line_chart_md
 from mmbert_dagster.resources import ArtifactStore, Compute
 
 from ._common import RECIPE, code_version
+
+# The training core's modules, hashed into the code version by file (imported only when a stage runs).
+TRAINING_CORE = tuple(f"mmbert_dagster.train.{m}" for m in (
+    "loop", "model", "attention", "packing", "masking", "schedule", "optim", "checkpoint", "distributed"))
+SUMMARY_JSON = "trainer_summary.json"  # = mmbert_dagster.train.loop.SUMMARY_JSON
 
 # asset key -> (stage, the checkpoint it continues from)
 TRAINING = {
@@ -86,8 +88,11 @@ def build_training_asset(key: str) -> AssetsDefinition:
     deps = [f"shards_{stage_name}", f"mixture_{stage_name}", "tokenizer", "raw_corpus", *([init_key] if init_key else [])]
 
     @asset(name=key, group_name="training", deps=deps, pool="gpu",
-           code_version=code_version("model", "seed", f"stages.{stage_name}", modules=(loop,)))
+           code_version=code_version("model", "seed", f"stages.{stage_name}", modules=TRAINING_CORE))
     def _train(context: AssetExecutionContext, store: ArtifactStore, compute: Compute) -> MaterializeResult:
+        from mmbert_dagster.train import loop
+        from mmbert_dagster.train.distributed import run_stage_distributed
+
         stage = RECIPE.stage(stage_name)
         mixture_langs = pl.read_parquet(store.require(f"mixture_{stage_name}") / "mixture.parquet")["lang"].to_list()
         # Resume state lives outside the artifact folder while training, so a killed run resumes from it; it is
@@ -135,7 +140,7 @@ def build_training_asset(key: str) -> AssetsDefinition:
 
 
 def read_summary(store: ArtifactStore, key: str) -> dict:
-    return json.loads((store.require(key) / loop.SUMMARY_JSON).read_text())
+    return json.loads((store.require(key) / SUMMARY_JSON).read_text())
 
 
 def build_training_checks(key: str) -> list:
@@ -153,6 +158,8 @@ def build_training_checks(key: str) -> list:
                  description="The mean loss of the last 20 % of steps is below that of the first 20 % (a warning, "
                              "not a stop: short tiny-preset decays are noisy)")
     def _decreased(store: ArtifactStore) -> AssetCheckResult:
+        from mmbert_dagster.train.metrics import loss_ends
+
         summary = read_summary(store, key)
         first, last = loss_ends(summary["losses"])
         return AssetCheckResult(
