@@ -126,7 +126,8 @@ def build_training_asset(key: str) -> AssetsDefinition:
                 "tokens_per_s": round(metrics["tokens_per_s"], 1),
                 "initial_loss": metrics["initial_loss"],
                 "final_loss": metrics["final_loss"],
-                "heldout_loss": metrics["heldout_loss"],
+                # None when the source has no held-out text (heldout_path unset for a local/HF source)
+                "heldout_loss": metrics["heldout_loss"] if metrics["heldout_loss"] is not None else "not measured",
                 "seconds": round(metrics["seconds"], 1),
                 "mask_rate": stage.mask_rate,
                 "context_length": stage.context_length,
@@ -149,9 +150,11 @@ def build_training_checks(key: str) -> list:
     def _finite(store: ArtifactStore) -> AssetCheckResult:
         summary = read_summary(store, key)
         bad = [i + 1 for i, x in enumerate(summary["losses"]) if not math.isfinite(x)]
+        heldout = summary["heldout_loss"]
         return AssetCheckResult(
-            passed=not bad and math.isfinite(summary["heldout_loss"]),
-            metadata={"non_finite_steps": str(bad[:20]), "heldout_loss": summary["heldout_loss"]},
+            passed=not bad and (heldout is None or math.isfinite(heldout)),
+            metadata={"non_finite_steps": str(bad[:20]),
+                      "heldout_loss": heldout if heldout is not None else "not measured (no held-out text)"},
         )
 
     @asset_check(asset=AssetKey(key), name="loss_decreased",
@@ -164,8 +167,7 @@ def build_training_checks(key: str) -> list:
         first, last = loss_ends(summary["losses"])
         return AssetCheckResult(
             passed=last < first, severity=AssetCheckSeverity.WARN,
-            metadata={"loss_first_steps": first, "loss_last_steps": last, "heldout_loss": summary["heldout_loss"],
-                      "steps": len(summary["losses"])},
+            metadata={"loss_first_steps": first, "loss_last_steps": last, "steps": len(summary["losses"])},
         )
 
     return [_finite, _decreased]
