@@ -33,7 +33,6 @@ The whole eligible corpus text is held in memory (polars) while sampling: fine u
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -48,6 +47,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from mmbert_dagster.seeding import stable_seed
+
 SHARDS_JSON = "shards.json"
 DOCUMENTS = "documents.parquet"
 TOKENS_PER_LANGUAGE = "tokens_per_language.parquet"
@@ -57,11 +58,6 @@ INDEX_DTYPE = np.dtype("<u8")  # datatrove writes document ends as little-endian
 
 class ShardError(RuntimeError):
     """Missing, truncated or inconsistent shard files; the message names the file."""
-
-
-def _stable_seed(*parts: object) -> int:
-    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little")
 
 
 def token_size_for_vocab(vocab_size: int) -> int:
@@ -130,7 +126,7 @@ def sample_documents(corpus: pl.DataFrame, mixture: pl.DataFrame, *, seed: int) 
         r = rf[lang]
         whole = math.floor(r)
         frac = r - whole
-        rng = np.random.default_rng(_stable_seed(seed, stage, "repeat", lang))
+        rng = np.random.default_rng(stable_seed(seed, stage, "repeat", lang))
         n = whole + (rng.random(idx.size) < frac).astype(np.int64)
         rows.append(np.repeat(idx, n))
         # copy number 0..n-1 of each document
@@ -140,7 +136,7 @@ def sample_documents(corpus: pl.DataFrame, mixture: pl.DataFrame, *, seed: int) 
         return pl.DataFrame({"row": [], "copy": []}, schema={"row": pl.Int64, "copy": pl.Int64})
     row = np.concatenate(rows).astype(np.int64)
     copy = np.concatenate(copies).astype(np.int64)
-    order = np.random.default_rng(_stable_seed(seed, stage, "shuffle")).permutation(row.size)
+    order = np.random.default_rng(stable_seed(seed, stage, "shuffle")).permutation(row.size)
     return pl.DataFrame({"row": row[order], "copy": copy[order]})
 
 

@@ -9,7 +9,6 @@ in the token stream as well as in their index files.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -22,6 +21,7 @@ import numpy as np
 import polars as pl
 
 from mmbert_dagster.recipe import TokenizerConfig
+from mmbert_dagster.seeding import stable_seed
 
 # ModernBERT's special tokens. Ids 0..4 in this order in a tokenizer we train.
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
@@ -33,12 +33,6 @@ ROLES = ("pad", "unk", "cls", "sep", "mask", "bos", "eos")
 
 class TokenizerError(ValueError):
     """A missing or unusable tokenizer; the message names the path."""
-
-
-def _stable_seed(*parts: object) -> int:
-    """A seed derived from ``parts`` that does not depend on Python's per-process string hashing."""
-    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little")
 
 
 def _script(lang: str) -> str:
@@ -61,7 +55,7 @@ def sample_for_tokenizer(docs: pl.DataFrame, cfg: TokenizerConfig, seed: int) ->
     docs = docs.select("lang", "text").filter(pl.col("text").is_not_null() & (pl.col("text").str.len_bytes() > 0))
     for (lang,), part in sorted(docs.partition_by("lang", as_dict=True, maintain_order=True).items()):
         texts = part["text"].to_list()
-        order = np.random.default_rng(_stable_seed(seed, "tokenizer-sample", lang)).permutation(len(texts))
+        order = np.random.default_rng(stable_seed(seed, "tokenizer-sample", lang)).permutation(len(texts))
         left = budget
         for i in order:
             text = texts[i]

@@ -12,10 +12,9 @@ not depend on the process history: a resumed run masks exactly as an uninterrupt
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 
+from mmbert_dagster import seeding
 from mmbert_dagster.train.packing import IGNORE, PackedBatch
 
 MASK_FRACTION, RANDOM_FRACTION = 0.8, 0.1  # of the selected tokens; the remaining 0.1 stay unchanged
@@ -23,8 +22,7 @@ MASK_FRACTION, RANDOM_FRACTION = 0.8, 0.1  # of the selected tokens; the remaini
 
 def stable_seed(*parts: object) -> int:
     """A 63-bit seed from ``parts``, independent of Python's per-process string hashing."""
-    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+    return seeding.stable_seed(*parts) >> 1  # torch generators take seeds below 2**63
 
 
 def micro_batch_generator(*parts: object) -> torch.Generator:
