@@ -177,24 +177,18 @@ def language_id_table(context: AssetExecutionContext, store: ArtifactStore) -> M
 @asset(
     group_name="data",
     deps=[filtered_corpus, language_id_table, "tokenizer"],
-    code_version=code_version(
-        "tier_high", "tier_mid", "tokenizer", "seed", modules=(tokenizer,), extra=mixtures.sql_hash("language_stats")
-    ),
+    code_version=code_version("tier_high", "tier_mid", extra=mixtures.sql_hash("language_stats")),
 )
 def language_stats(context: AssetExecutionContext, store: ArtifactStore) -> MaterializeResult:
     """sql/language_stats.sql: docs, tokens (bytes × the tokenizer's measured tokens per byte for the language),
     bytes and tier (high / mid / low) per language."""
     docs_files = sorted(store.require("filtered_corpus").glob("docs*.parquet"))
-    fertility = tokenizer.tokens_per_byte(
-        store.require("tokenizer"), labelled_documents(store).select("lang", "text").collect(), RECIPE.tokenizer,
-        RECIPE.seed,
-    )
+    fertility = pl.read_parquet(store.require("tokenizer") / tokenizer.FERTILITY_FILE)  # measured by the tokenizer asset
     stats = mixtures.language_stats(
         docs_files, store.require("language_id_table") / "language_id.parquet", fertility, RECIPE
     )
     with store.write("language_stats") as out:
         stats.write_parquet(out / "language_stats.parquet")
-        fertility.write_parquet(out / "fertility.parquet")
     tiers = stats.group_by("tier").agg(languages=pl.len(), docs=pl.col("docs").sum(), bytes=pl.col("bytes").sum(),
                                        tokens_est=pl.col("tokens_est").sum()).sort("bytes", descending=True)
     top = stats.head(40)

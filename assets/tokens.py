@@ -38,13 +38,18 @@ def tokenizer_asset(context: AssetExecutionContext, store: ArtifactStore, extern
     """A byte-level BPE trained on a sample of every language (tiny preset), or a user-supplied tokenizer (e.g.
     Gemma-2's for the paper presets), saved as a Hugging Face tokenizer folder."""
     user = external_models.tokenizer_path or RECIPE.tokenizer.pretrained_path
+    docs = labelled_documents(store).select("lang", "text").collect()
     with store.write("tokenizer") as out:
         if user:
             info = tokenizer.load_pretrained_tokenizer(user, out, log=context.log.info)
         else:
-            docs = labelled_documents(store).select("lang", "text").collect()
             pairs = tokenizer.sample_for_tokenizer(docs, RECIPE.tokenizer, RECIPE.seed)
             info = tokenizer.train_tokenizer(pairs, out, RECIPE.tokenizer, log=context.log.info)
+        # Measured tokens per byte of every language, for language_stats. In a subfolder: checkpoints copy the
+        # tokenizer folder's files, not its folders.
+        (out / "stats").mkdir()
+        fertility = tokenizer.tokens_per_byte(out, docs, RECIPE.tokenizer, RECIPE.seed)
+        fertility.write_parquet(out / tokenizer.FERTILITY_FILE)
     metadata = {"path": MetadataValue.path(str(store.path("tokenizer"))), "user_supplied": bool(user)}
     for k, v in info.items():
         metadata[k] = MetadataValue.json(v) if isinstance(v, (dict, list)) else v

@@ -329,6 +329,9 @@ def nfc(text: str) -> str:
     return unicodedata.normalize("NFC", text)
 
 
+FERTILITY_FILE = "stats/fertility.parquet"  # where the tokenizer asset keeps tokens_per_byte in its folder
+
+
 def tokens_per_byte(tokenizer_dir: Path, docs: pl.DataFrame, cfg: TokenizerConfig, seed: int) -> pl.DataFrame:
     """Measured fertility per language: (lang, tokens_per_byte), tokens without special tokens divided by UTF-8
     bytes, on the same deterministic per-language sample the tokenizer is trained on (``docs``: lang, text).
