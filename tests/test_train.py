@@ -21,7 +21,7 @@ import torch
 from mmbert_dagster.data.shards import build_shards
 from mmbert_dagster.data.tokenizer import train_tokenizer
 from mmbert_dagster.recipe import ModelShape, Stage, TokenizerConfig
-from mmbert_dagster.train.attention import ATTN_NAME, flash_varlen_func
+from mmbert_dagster.train.attention import ATTN_NAME
 from mmbert_dagster.train.checkpoint import CheckpointError
 from mmbert_dagster.train.loop import run_stage
 from mmbert_dagster.train.masking import mask_batch, mask_tokens, micro_batch_generator
@@ -30,9 +30,8 @@ from mmbert_dagster.train.optim import micro_batch_geometry
 from mmbert_dagster.train.packing import IGNORE, DataPosition, Packer, collate, split_document
 from mmbert_dagster.train.schedule import lr_at, total_steps_for, warmup_steps_for
 
-SPECIALS = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
-VOCAB = 300
-SHAPE = ModelShape(layers=3, hidden=64, intermediate=96, heads=2, global_every=3, local_window=32)
+from model_helpers import SHAPE, SPECIALS, VOCAB, random_doc, reference_copy
+
 STAGE = Stage(
     name="pretrain", languages=2, tau=0.7, tokens=5 * 1024, max_repeat=5.0, english_boost=1.0, mask_rate=0.3,
     context_length=128, rope_theta=10_000.0, lr_peak=1e-3, lr_final=1e-3, warmup_tokens=2048, lr_decay="none",
@@ -40,17 +39,6 @@ STAGE = Stage(
 )
 QUIET = lambda *_: None
 
-
-def random_doc(rng: np.random.Generator, n: int) -> np.ndarray:
-    """``[CLS] n-2 ordinary tokens [SEP]``."""
-    return np.concatenate([[SPECIALS["cls"]], rng.integers(5, VOCAB, n - 2), [SPECIALS["sep"]]]).astype(np.int64)
-
-
-def reference_copy(model, attn: str = "sdpa"):
-    """The same weights under transformers' own attention (deep-copied config: _from_config mutates it)."""
-    ref = type(model)._from_config(copy.deepcopy(model.config), attn_implementation=attn).eval()
-    ref.load_state_dict(model.state_dict())
-    return ref
 
 
 # ------------------------------------------------------------------------------------------ attention
@@ -128,19 +116,6 @@ def test_gradient_accumulation_equals_one_big_batch():
     assert micro_batch_geometry(4096, 1024, 2, 256) == (2, 1024)
     assert micro_batch_geometry(4096, 8192, 1, 256) == (1, 4096)
     assert micro_batch_geometry(1000, 300, 1, 512) == (4, 512)  # a context-length piece must fit
-
-
-@pytest.mark.skipif(not (torch.cuda.is_available() and flash_varlen_func()), reason="needs CUDA and flash-attn")
-def test_flash_attention_varlen_matches_per_document_sdpa():
-    torch.manual_seed(0)
-    model = build_model(dataclasses.replace(SHAPE, local_window=16), VOCAB, SPECIALS, 1024, 10_000.0).cuda().eval()
-    ref = reference_copy(model).cuda()
-    rng = np.random.default_rng(0)
-    docs = [random_doc(rng, n) for n in (40, 100, 7, 300)]
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        packed = model(**collate(docs).model_inputs("cuda")).logits[0].float()
-        per = torch.cat([ref(input_ids=torch.tensor(d, device="cuda")[None]).logits[0].float() for d in docs])
-    assert (packed - per).abs().max() < 5e-2  # bf16
 
 
 # ------------------------------------------------------------------------------------------ packing

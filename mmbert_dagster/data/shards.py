@@ -43,9 +43,12 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import polars as pl
+
+if TYPE_CHECKING:  # polars is imported where a table is built: training reads shards without it
+    import polars as pl
 
 from mmbert_dagster.seeding import stable_seed
 
@@ -73,6 +76,7 @@ def _dtype(token_size: int) -> np.dtype:
 
 
 def _check_mixture(mixture: pl.DataFrame) -> str:
+    import polars as pl
     need = {"stage", "lang", "repeat_factor"}
     missing = need - set(mixture.columns)
     if missing:
@@ -94,6 +98,7 @@ def _load_corpus(docs_files: list[Path], lid_table: Path, langs: list[str]) -> p
 
     Sorted by (lang, doc_id) so the sample does not depend on how the corpus is split into files.
     """
+    import polars as pl
     files = [str(p) for p in docs_files]
     for f in files + [str(lid_table)]:
         if not Path(f).is_file():
@@ -115,6 +120,7 @@ def sample_documents(corpus: pl.DataFrame, mixture: pl.DataFrame, *, seed: int) 
     r = the language's ``repeat_factor`` (random draws seeded by seed, stage, language). The list of copies
     is then shuffled (seeded by seed, stage). Deterministic for the same inputs.
     """
+    import polars as pl
     stage = _check_mixture(mixture)
     rf = dict(zip(mixture["lang"].to_list(), mixture["repeat_factor"].cast(pl.Float64).to_list()))
     rows, copies = [], []
@@ -258,6 +264,7 @@ def build_shards(
     ``out_dir`` must exist and be empty; it receives the ``.ds``/``.ds.index``/``.ds.metadata`` files,
     ``documents.parquet``, ``tokens_per_language.parquet`` and ``shards.json``. Returns metadata.
     """
+    import polars as pl
     from mmbert_dagster.data.tokenizer import special_token_ids
 
     t0 = time.perf_counter()
@@ -504,6 +511,8 @@ class ShardReader:
 
     def documents(self) -> pl.DataFrame:
         """``documents.parquet``: position, doc_id, lang, copy, n_tokens, in shard order."""
+        import polars as pl
+
         return pl.read_parquet(self.folder / DOCUMENTS)
 
     def decode_document(self, i: int, tokenizer, *, skip_special_tokens: bool = True) -> str:

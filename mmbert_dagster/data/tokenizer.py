@@ -16,9 +16,12 @@ import unicodedata
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import polars as pl
+
+if TYPE_CHECKING:  # polars is imported where a table is built: training reads shards without it
+    import polars as pl
 
 from mmbert_dagster.recipe import TokenizerConfig
 from mmbert_dagster.seeding import stable_seed
@@ -46,6 +49,7 @@ def sample_for_tokenizer(docs: pl.DataFrame, cfg: TokenizerConfig, seed: int) ->
     until the budget is reached, the last one cut at a character boundary to fit. Languages come in sorted
     order. The same ``docs``, ``cfg`` and ``seed`` always give the same sample.
     """
+    import polars as pl
     missing = {"lang", "text"} - set(docs.columns)
     if missing:
         raise ValueError(f"sample_for_tokenizer: docs lack column(s) {sorted(missing)}; has {docs.columns}")
@@ -339,6 +343,7 @@ def tokens_per_byte(tokenizer_dir: Path, docs: pl.DataFrame, cfg: TokenizerConfi
     language_stats uses it to turn each language's bytes into tokens, so stage budgets (in tokens) are met by the
     shards whatever the script: a Chinese byte and a Latin byte cost very different numbers of tokens.
     """
+    import polars as pl
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))

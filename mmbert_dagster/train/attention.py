@@ -5,9 +5,12 @@ A packed micro-batch is ONE row of ``T`` tokens holding several documents back t
 :func:`varlen_attention` with transformers' ``AttentionInterface`` under :data:`ATTN_NAME` lets us keep
 transformers' own ``ModernBertForMaskedLM`` and only swap how each layer computes attention:
 
-* CUDA with ``flash_attn`` installed: ``flash_attn_varlen_func`` on the whole row, ``window_size=(w, w)`` for
-  the local (sliding) layers — the real path at scale.
-* anywhere else (CPU; CUDA without flash-attn): a loop over the documents, one SDPA call per document, so the
+* CUDA: a FlashAttention-2 varlen kernel on the whole row, ``window_size=(w, w)`` on the local (sliding)
+  layers — the real path at scale. ``flash_attn.flash_attn_varlen_func`` when flash-attn is installed (the
+  ``gpu`` extra), else PyTorch's own ``torch.nn.attention.varlen.varlen_attn`` (the same FA2 kernels, shipped
+  inside PyTorch >= 2.10; used for the layers its version supports — the local layers need its
+  ``window_size`` argument). ``MMBERT_VARLEN_KERNEL=flash_attn|torch|loop`` forces one (benchmarks, tests).
+* anywhere else (CPU; a CUDA layer no kernel supports): a loop over the documents, one SDPA call per document, so the
   work is sum(len_i^2) instead of T^2 and no document ever sees another. Local layers get a band mask
   ``|i - j| <= w`` inside each document; documents no longer than ``w + 1`` need no mask at all, and long
   documents (>= ``BLOCKWISE_MIN_WINDOWS`` windows) are computed blockwise — query blocks of one window, each
@@ -23,12 +26,16 @@ transformers' mask construction) and the cu_seqlens as the standard flash kwargs
 padded batch, e.g. a ``fill-mask`` pipeline on a model loaded with this implementation) the call falls back to
 transformers' SDPA path with its usual masks, so the name is safe to use everywhere.
 
-flash-attn is imported lazily (on the first CUDA call) and its absence is not an error.
+Kernels are looked up lazily (on the first CUDA call); the absence of any is not an error.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -39,22 +46,64 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 ATTN_NAME = "mmbert_varlen"
 BLOCKWISE_MIN_WINDOWS = 4  # documents at least this many local windows long are computed blockwise
 
-_FLASH = None  # None: not tried yet; False: unavailable; else flash_attn_varlen_func
+KERNEL_ENV = "MMBERT_VARLEN_KERNEL"
+KERNELS = ("flash_attn", "torch", "loop")
 
 
-def flash_varlen_func():
-    """``flash_attn.flash_attn_varlen_func`` if flash-attn is installed and CUDA is available, else ``None``."""
-    global _FLASH
-    if _FLASH is None:
-        _FLASH = False
-        if torch.cuda.is_available():
-            try:
-                from flash_attn import flash_attn_varlen_func
+@dataclass(frozen=True)
+class VarlenKernel:
+    """A FlashAttention-2 varlen kernel: ``fn(q, k, v, cu, max_len, scale, window)`` on (T, H, D) bf16/fp16."""
 
-                _FLASH = flash_attn_varlen_func
-            except ImportError:
-                pass
-    return _FLASH or None
+    name: str
+    fn: Callable[..., torch.Tensor]
+    sliding: bool  # supports window_size (the local layers)
+    dropout: bool  # supports attention dropout
+
+
+def _flash_attn_kernel() -> VarlenKernel | None:
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+
+    def fn(q, k, v, cu, max_len, scale, window, dropout=0.0):
+        return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, dropout_p=dropout, softmax_scale=scale,
+                                      causal=False, window_size=window)
+    return VarlenKernel("flash_attn", fn, sliding=True, dropout=True)
+
+
+def _torch_kernel() -> VarlenKernel | None:
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # PyTorch < 2.10
+        return None
+    sliding = "window_size" in inspect.signature(varlen_attn).parameters
+
+    def fn(q, k, v, cu, max_len, scale, window, dropout=0.0):
+        extra = {"window_size": window} if window != (-1, -1) else {}
+        return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, **extra)
+    return VarlenKernel("torch", fn, sliding=sliding, dropout=False)
+
+
+@functools.cache
+def varlen_kernel() -> VarlenKernel | None:
+    """The CUDA varlen kernel to use: $MMBERT_VARLEN_KERNEL if set, else flash-attn, else PyTorch's; None = loop."""
+    if not torch.cuda.is_available():
+        return None
+    forced = os.environ.get(KERNEL_ENV, "").strip()
+    if forced and forced not in KERNELS:
+        raise ValueError(f"${KERNEL_ENV}={forced!r}: expected one of {', '.join(KERNELS)}")
+    if forced == "loop":
+        return None
+    found = {"flash_attn": _flash_attn_kernel, "torch": _torch_kernel}
+    for name in ([forced] if forced else ["flash_attn", "torch"]):
+        kernel = found[name]()
+        if kernel is not None:
+            return kernel
+    if forced:
+        raise RuntimeError(f"${KERNEL_ENV}={forced}: that kernel is not available here "
+                           f"(flash_attn: pip install '.[gpu]'; torch: PyTorch >= 2.10)")
+    return None
 
 
 @functools.lru_cache(maxsize=256)
@@ -109,15 +158,14 @@ def varlen_attention(
         raise ValueError(f"{ATTN_NAME}: packed rows take cu_seqlens, not an attention mask")
     half_window = None if sliding_window is None else sliding_window - 1
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    flash = flash_varlen_func() if query.is_cuda else None
-    if flash is not None:
+    kernel = varlen_kernel() if query.is_cuda else None
+    if kernel is not None and (kernel.sliding or half_window is None) and (kernel.dropout or not dropout):
         dtype = query.dtype if query.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
         q, k, v = (x[0].transpose(0, 1).to(dtype) for x in (query, key, value))  # (T, H, D)
         cu = cu_seq_lens_q.to(device=query.device, dtype=torch.int32)
         max_len = int(max_length_q) if max_length_q is not None else int((cu[1:] - cu[:-1]).max())
-        out = flash(q, k, v, cu, cu, max_len, max_len, dropout_p=dropout, softmax_scale=scaling, causal=False,
-                    window_size=(half_window, half_window) if half_window is not None else (-1, -1),
-                    deterministic=bool(kwargs.get("deterministic") or False))
+        window = (half_window, half_window) if half_window is not None else (-1, -1)
+        out = kernel.fn(q, k, v, cu, max_len, scaling, window, **({"dropout": dropout} if dropout else {}))
         return out.to(query.dtype).unsqueeze(0), None
     lengths = (cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).tolist()
     # split (not slicing): its backward is one cat, where slices would each build a full-size zero gradient

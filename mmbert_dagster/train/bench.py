@@ -1,22 +1,28 @@
 """Training throughput: packed per-document attention vs the standard padded batch (transformers' SDPA).
 
-``python -m mmbert_dagster.train.bench [--steps 6] [--reps 3]`` — the tiny shape (4 layers, hidden 256,
-intermediate 384, 4 heads, vocab 8192, 128-token local window), documents ~N(256, 64) tokens, micro-batches
-of ~4096 real tokens, 30 % masking, sparse prediction, StableAdamW, fp32. Each timed step is forward +
-backward + optimizer step on the SAME documents in both layouts:
+``python -m mmbert_dagster.train.bench [--shape tiny|small|base] [--context 1024] [--device auto] ...``
 
-* ``packed``: one row of <= 4096 tokens, ``cu_seqlens``, attention per document (``mmbert_varlen``);
+One model shape (a preset's ``[model]``, with the preset's vocabulary unless ``--vocab``), synthetic documents
+~N(mean, std) tokens (default mean = context / 4, std = mean / 4, clipped to [8, context]; ``--uniform`` makes
+every document ``context`` tokens), micro-batches of ~``budget`` real tokens, 30 % masking, sparse prediction,
+StableAdamW. CPU in fp32; CUDA with bf16 autocast (as the training loop). Each timed step is forward + backward
++ optimizer step on the SAME documents in both layouts:
+
+* ``packed``: one row, ``cu_seqlens``, attention per document (``mmbert_varlen``: on CUDA a FlashAttention-2
+  varlen kernel, see ``attention.varlen_kernel``);
 * ``padded``: the same documents as a (B, L_max) batch with an attention mask, ``attn_implementation="sdpa"``
   (what a stock Hugging Face collator + ModernBERT does).
 
 Variants are interleaved rep by rep (machine drift hits both); reported: real (non-pad) tokens/s, "best"
-from each batch's fastest rep (the least disturbed), "median" from the median rep. Other processes on the
-machine slow a step 5-15x: run it on an idle machine.
+from each batch's fastest rep (the least disturbed), "median" from the median rep, and MFU = model FLOPs
+actually needed (real tokens only, see :func:`train_flops`) per second / the machine's matmul peak measured in
+the same run (same dtype). Other processes on the machine slow a CPU step 5-15x: run it on an idle machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -26,20 +32,21 @@ import time
 import numpy as np
 import torch
 
-from mmbert_dagster.recipe import ModelShape
+from mmbert_dagster.recipe import ModelShape, load_recipe
 from mmbert_dagster.train.masking import mask_tokens
 from mmbert_dagster.train.model import build_model
 from mmbert_dagster.train.packing import IGNORE, collate
 
 SPECIALS = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
-TINY = ModelShape(layers=4, hidden=256, intermediate=384, heads=4, global_every=3, local_window=128)
+MASK_RATE = 0.3
 
 
-def make_docs(rng: np.random.Generator, budget: int, mean: float, std: float, vocab: int) -> list[np.ndarray]:
-    """Documents ~N(mean, std) tokens (>= 8) until adding one more would exceed ``budget`` tokens."""
+def make_docs(rng: np.random.Generator, budget: int, mean: float, std: float, vocab: int,
+              max_len: int) -> list[np.ndarray]:
+    """Documents ~N(mean, std) tokens, clipped to [8, max_len], until one more would exceed ``budget`` tokens."""
     docs, used = [], 0
     while True:
-        n = int(np.clip(rng.normal(mean, std), 8, 2 * mean))
+        n = int(np.clip(rng.normal(mean, std), 8, max_len)) if std > 0 else int(mean)
         if used + n > budget:
             return docs
         docs.append(np.concatenate([[2], rng.integers(5, vocab, n - 2), [3]]).astype(np.int64))
@@ -48,78 +55,180 @@ def make_docs(rng: np.random.Generator, budget: int, mean: float, std: float, vo
 
 def masked(docs: list[np.ndarray], vocab: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    return [mask_tokens(torch.from_numpy(d), 0.3, mask_id=4, vocab_size=vocab, special_ids=SPECIALS.values(),
+    return [mask_tokens(torch.from_numpy(d), MASK_RATE, mask_id=4, vocab_size=vocab, special_ids=SPECIALS.values(),
                         generator=g) for d in docs]
 
 
-def packed_inputs(pairs) -> dict:
+def packed_inputs(pairs, device) -> dict:
     batch = collate([ids.numpy() for ids, _ in pairs])
     batch.labels = torch.cat([lab for _, lab in pairs])[None]
-    return batch.model_inputs()
+    return batch.model_inputs(device)
 
 
-def padded_inputs(pairs) -> dict:
+def padded_inputs(pairs, device) -> dict:
     length = max(ids.numel() for ids, _ in pairs)
     ids = torch.zeros(len(pairs), length, dtype=torch.long)
     labels = torch.full((len(pairs), length), IGNORE, dtype=torch.long)
     mask = torch.zeros(len(pairs), length, dtype=torch.long)
     for i, (x, y) in enumerate(pairs):
         ids[i, :x.numel()], labels[i, :x.numel()], mask[i, :x.numel()] = x, y, 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
-def bench(steps: int = 6, reps: int = 3, budget: int = 4096, mean: float = 256, std: float = 64,
-          vocab: int = 8192, seed: int = 0) -> dict:
+def train_flops(shape: ModelShape, vocab: int, lengths: list[int], n_masked: int) -> float:
+    """FLOPs of one training step (forward + backward = 3 x forward) that the model actually needs.
+
+    Matmuls of the encoder layers: 6 x layer params per real token. Attention scores and the weighted sum:
+    4 x hidden x keys seen per query (the whole document on global layers, at most ``local_window + 1`` keys on
+    local ones), x 3 for training. The MLM head (dense + tied decoder) only on the ``n_masked`` predicted
+    tokens (sparse prediction). Embedding lookups, norms and activations are not counted.
+    """
+    h, inter = shape.hidden, shape.intermediate
+    layer_params = 4 * h * h + 3 * h * inter  # Wqkv + Wo; GLU Wi (2 x inter) + Wo
+    tokens = sum(lengths)
+    dense = 6 * shape.layers * layer_params * tokens
+    n_global = len(range(0, shape.layers, shape.global_every))
+    w = shape.local_window // 2
+    keys_global = sum(n * n for n in lengths)
+    keys_local = sum(sum(min(n, i + w + 1) - max(0, i - w) for i in range(n)) if n > w + 1 else n * n
+                     for n in lengths)
+    attn = 12 * h * (n_global * keys_global + (shape.layers - n_global) * keys_local)
+    head = 6 * (h * h + h * vocab) * n_masked
+    return float(dense + attn + head)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int | None = None, reps: int = 5) -> float:
+    """Measured FLOP/s of an n x n x n matmul in ``dtype`` (the roofline the MFU is relative to)."""
+    n = n or (8192 if device.type == "cuda" else 1024)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / min(times)
+
+
+def bench(shape: ModelShape, *, vocab: int, context: int, budget: int, mean: float, std: float, steps: int = 6,
+          reps: int = 3, device: str = "auto", seed: int = 0, variants: tuple[str, ...] = ("packed", "padded")
+          ) -> dict:
     from optimi import StableAdamW
 
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext())
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    packed_model = build_model(TINY, vocab, SPECIALS, 1024, 10_000.0, attn="auto")
-    padded_model = type(packed_model)._from_config(copy.deepcopy(packed_model.config), attn_implementation="sdpa")
-    padded_model.load_state_dict(packed_model.state_dict())
-    batches = [masked(make_docs(rng, budget, mean, std, vocab), vocab, seed + i) for i in range(steps + 1)]
+    base = build_model(shape, vocab, SPECIALS, context, 10_000.0, attn="auto")
+    models = {"packed": base}
+    if "padded" in variants:
+        padded = type(base)._from_config(copy.deepcopy(base.config), attn_implementation="sdpa")
+        padded.load_state_dict(base.state_dict())
+        models["padded"] = padded
+    makers = {"packed": packed_inputs, "padded": padded_inputs}
+    models = {k: m.to(dev) for k, m in models.items() if k in variants}
+    batches = [masked(make_docs(rng, budget, mean, std, vocab, context), vocab, seed + i) for i in range(steps + 1)]
     real = [sum(ids.numel() for ids, _ in b) for b in batches]
     slots = [len(b) * max(ids.numel() for ids, _ in b) for b in batches]
-    variants = {"packed": (packed_model, packed_inputs), "padded": (padded_model, padded_inputs)}
-    optims = {k: StableAdamW(m.parameters(), lr=1e-4, weight_decay=0.0) for k, (m, _) in variants.items()}
-    times: dict[str, list[list[float]]] = {k: [] for k in variants}  # [rep][batch] seconds
+    flops = [train_flops(shape, vocab, [ids.numel() for ids, _ in b], sum(int((y != IGNORE).sum()) for _, y in b))
+             for b in batches]
+    optims = {k: StableAdamW(m.parameters(), lr=1e-4, weight_decay=0.0) for k, m in models.items()}
+    times: dict[str, list[list[float]]] = {k: [] for k in models}  # [rep][batch] seconds
+    peak_memory: dict[str, float] = {}
     for _ in range(reps):
-        for name, (model, make) in variants.items():
+        for name, model in models.items():
             model.train()
-            inputs = [make(b) for b in batches]
+            inputs = [makers[name](b, dev) for b in batches]
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
             rep = []
             for x in inputs:
+                _sync(dev)
                 t0 = time.perf_counter()
-                model(**x).loss.backward()
+                with autocast:
+                    loss = model(**x).loss
+                loss.backward()
                 optims[name].step()
                 optims[name].zero_grad(set_to_none=True)
+                _sync(dev)
                 rep.append(time.perf_counter() - t0)
             times[name].append(rep[1:])  # batch 0 is a warm-up step
-    tokens = sum(real[1:])
-    best = {k: tokens / sum(min(r[i] for r in v) for i in range(steps)) for k, v in times.items()}
-    median = {k: statistics.median(tokens / sum(r) for r in v) for k, v in times.items()}
-    return {
-        "shape": "4 layers, hidden 256, intermediate 384, 4 heads, vocab 8192, window 128",
+            if dev.type == "cuda":
+                peak_memory[name] = torch.cuda.max_memory_allocated(dev) / 2**30
+    tokens, step_flops = sum(real[1:]), sum(flops[1:])
+    best_s = {k: sum(min(r[i] for r in v) for i in range(steps)) for k, v in times.items()}
+    median_s = {k: statistics.median(sum(r) for r in v) for k, v in times.items()}
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    peak = matmul_peak(dev, dtype)
+    kernel = None
+    if dev.type == "cuda":
+        from mmbert_dagster.train.attention import varlen_kernel
+
+        kernel = getattr(varlen_kernel(), "name", "loop")
+    out = {
+        "shape": f"{shape.layers}L/{shape.hidden}h/{shape.intermediate}i/{shape.heads}heads, vocab {vocab}, "
+                 f"window {shape.local_window}",
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "dtype": str(dtype).replace("torch.", ""), "varlen_kernel": kernel, "context": context,
+        "doc_length": f"uniform {int(mean)}" if std == 0 else f"N({mean:g}, {std:g}) clipped to [8, {context}]",
         "docs_per_step": statistics.mean(len(b) for b in batches), "real_tokens_per_step": statistics.mean(real),
-        "padded_slots_per_real_token": sum(slots) / sum(real), "threads": torch.get_num_threads(),
-        **{f"{k}_tokens_per_s_best": v for k, v in best.items()},
-        **{f"{k}_tokens_per_s_median": v for k, v in median.items()},
-        "speedup_best": best["packed"] / best["padded"],
-        "speedup_median": median["packed"] / median["padded"],
+        "padded_slots_per_real_token": sum(slots) / sum(real),
+        "matmul_peak_tflops": peak / 1e12,
     }
+    for k in models:
+        out[f"{k}_tokens_per_s_best"] = tokens / best_s[k]
+        out[f"{k}_tokens_per_s_median"] = tokens / median_s[k]
+        out[f"{k}_mfu_best"] = step_flops / best_s[k] / peak
+        if k in peak_memory:
+            out[f"{k}_peak_memory_gib"] = peak_memory[k]
+    if {"packed", "padded"} <= set(models):
+        out["speedup_best"] = best_s["padded"] / best_s["packed"]
+        out["speedup_median"] = median_s["padded"] / median_s["packed"]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    p = argparse.ArgumentParser(description="packed vs padded training throughput (tiny shape)")
+    p = argparse.ArgumentParser(description="packed vs padded training throughput")
+    p.add_argument("--shape", default="tiny", help="a preset whose [model] shape to use (tiny, small, base)")
+    p.add_argument("--vocab", type=int, default=0, help="vocabulary size (0: the preset's tokenizer vocab_size)")
+    p.add_argument("--context", type=int, default=1024, help="longest document (tokens)")
+    p.add_argument("--mean", type=float, default=0, help="mean document length (0: context / 4)")
+    p.add_argument("--std", type=float, default=-1, help="std of document lengths (-1: mean / 4)")
+    p.add_argument("--uniform", action="store_true", help="every document exactly --context tokens")
+    p.add_argument("--budget", type=int, default=0, help="real tokens per step (0: 4096 on CPU, 65536 on CUDA)")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--budget", type=int, default=4096)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--variants", default="packed,padded")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--json", default="", help="also append the result as one JSON line to this file")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(json.dumps(bench(args.steps, args.reps, args.budget), indent=1))
+    recipe = load_recipe(args.shape)
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    mean = float(args.context) if args.uniform else (args.mean or args.context / 4)
+    std = 0.0 if args.uniform else (args.std if args.std >= 0 else mean / 4)
+    budget = args.budget or (65536 if cuda else 4096)
+    result = bench(recipe.model, vocab=args.vocab or recipe.tokenizer.vocab_size, context=args.context,
+                   budget=max(budget, args.context), mean=mean, std=std, steps=args.steps, reps=args.reps,
+                   device=args.device, variants=tuple(args.variants.split(",")))
+    line = json.dumps(result)
+    print(json.dumps(result, indent=1), flush=True)
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(line + "\n")
     return 0
 
 

@@ -40,7 +40,7 @@ from mmbert_dagster.train.optim import build_optimizer, clip_gradients, micro_ba
 from mmbert_dagster.train.packing import IGNORE, DataPosition, Packer
 from mmbert_dagster.train.schedule import lr_at, total_steps_for, warmup_steps_for
 
-DEFAULT_MICRO_BATCH_TOKENS = {"cpu": 8192, "cuda": 65536}  # per rank; more micro-batches per step above this
+DEFAULT_MICRO_BATCH_TOKENS = {"cpu": 8192, "cuda": 32768}  # per rank; 65536 OOMs base (256k vocab) on 141 GB
 DEFAULT_CHECKPOINT_EVERY = 100  # optimizer steps
 SUMMARY_JSON = "trainer_summary.json"
 
