@@ -77,6 +77,43 @@ class TokenizerConfig:
 
 
 @dataclass(frozen=True)
+class MergeConfig:
+    """TIES merge of the decay variants relative to the mid-training checkpoint (paper: all three, density 0.8)."""
+
+    density: float = 0.8  # fraction of each task vector kept (largest magnitudes): trims the 20 % smallest deltas
+    weights: dict[str, float] = field(default_factory=lambda: {"decay_eng": 1.0, "decay_cont": 1.0, "decay_all": 1.0})
+    scale: float = 1.0  # lambda: the merged task vector is multiplied by this before it is added back
+
+
+@dataclass(frozen=True)
+class HfTask:
+    """A sentence-classification task from Hugging Face ``datasets`` (online, or a local copy), probed linearly."""
+
+    name: str  # the row's task name in benchmark_scores, e.g. "sst2"
+    path: str  # load_dataset(path, ...): hub name ("nyu-mll/glue") or a local folder / data files
+    config: str = ""  # load_dataset's second argument (e.g. "sst2"); empty = none
+    text_fields: tuple[str, ...] = ("sentence",)  # joined with [SEP] for pairs, e.g. ["premise", "hypothesis"]
+    label_field: str = "label"
+    train_split: str = "train"
+    eval_split: str = "validation"
+    lang: str = "eng_Latn"
+    max_train: int = 2000  # examples used to fit the probe (frozen embeddings: this is cheap)
+    max_eval: int = 1000
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The offline stand-ins for the paper's benchmarks (see mmbert_dagster/evaluate) and optional online tasks."""
+
+    mask_rate: float = 0.15  # masked-token accuracy on held-out text: the share of tokens hidden
+    max_texts_per_lang: int = 8  # held-out texts per language for masked-token accuracy
+    probe_train_tier: str = "high"  # the cross-lingual probe is fitted on English + this tier, tested on every language
+    throughput_texts: int = 256  # held-out texts encoded for tokens/s
+    batch_tokens: int = 8192  # packed inference micro-batch
+    hf_tasks: tuple[HfTask, ...] = ()  # e.g. GLUE/XNLI (need `datasets` and a network or a local copy)
+
+
+@dataclass(frozen=True)
 class Stage:
     name: str
     languages: int | str | tuple[str, ...]  # top-N by tokens, "all", or explicit codes
@@ -111,6 +148,8 @@ class Recipe:
     english: str  # the English code English-boosted stages refer to
     seed: int
     stages: dict[str, Stage] = field(default_factory=dict)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def stage(self, name: str) -> Stage:
         try:
@@ -176,6 +215,35 @@ def _validate_stage(s: Stage, where: str) -> None:
         _check(len(s.languages) > 0, f"{where}.languages", "must not be empty")
 
 
+def _build_merge(table: dict, where: str) -> MergeConfig:
+    merge = _build(MergeConfig, table, where)
+    _check(0 < merge.density <= 1, f"{where}.density", f"must be in (0, 1], got {merge.density}")
+    _check(merge.scale > 0, f"{where}.scale", f"must be > 0, got {merge.scale}")
+    decays = [s for s in STAGES if s.startswith("decay_")]
+    unknown = sorted(set(merge.weights) - set(decays))
+    _check(not unknown, f"{where}.weights", f"unknown model(s) {unknown}; the decay variants are {decays}")
+    _check(len(merge.weights) >= 2, f"{where}.weights", "name at least two decay variants to merge")
+    _check(all(w > 0 for w in merge.weights.values()), f"{where}.weights", "weights must be > 0")
+    return merge
+
+
+def _build_eval(table: dict, where: str) -> EvalConfig:
+    table = dict(table)
+    tasks = []
+    for i, t in enumerate(table.pop("hf_tasks", [])):
+        _check(isinstance(t, dict), f"{where}.hf_tasks[{i}]", "must be a table")
+        t = dict(t)
+        if "text_fields" in t:
+            t["text_fields"] = tuple(t["text_fields"])
+        tasks.append(_build(HfTask, t, f"{where}.hf_tasks[{i}]"))
+    ev = _build(EvalConfig, table, where, hf_tasks=tuple(tasks))
+    _check(0 < ev.mask_rate < 1, f"{where}.mask_rate", f"must be in (0, 1), got {ev.mask_rate}")
+    _check(ev.probe_train_tier in ("high", "mid", "low"), f"{where}.probe_train_tier",
+           f"must be high, mid or low, got {ev.probe_train_tier!r}")
+    _check(ev.max_texts_per_lang >= 1, f"{where}.max_texts_per_lang", "must be >= 1")
+    return ev
+
+
 def load_recipe(preset_or_path: str | Path = "tiny") -> Recipe:
     """Load a preset by name (``tiny``, ``small``, ``base``) or a recipe TOML file by path, and validate it."""
     text_path = Path(str(preset_or_path))
@@ -209,6 +277,8 @@ def recipe_from_dict(data: dict, source: str = "<dict>") -> Recipe:
         "tokenizer": (TokenizerConfig, data.pop("tokenizer", {})),
     }
     built = {k: _build(cls, t, f"{source}: [{k}]") for k, (cls, t) in sections.items()}
+    built["merge"] = _build_merge(data.pop("merge", {}), f"{source}: [merge]")
+    built["eval"] = _build_eval(data.pop("eval", {}), f"{source}: [eval]")
     missing_stages = [s for s in STAGES if s not in stages_raw]
     _check(not missing_stages, f"{source}: stages", f"missing stage(s) {missing_stages}")
     extra_stages = sorted(set(stages_raw) - set(STAGES))

@@ -1,0 +1,115 @@
+"""TIES merging of the decay variants (mmBERT's final model), through mergekit.
+
+TIES (Yadav et al., 2023) relative to a base model (the mid-training checkpoint), per tensor:
+
+1. task vectors ``d_i = θ_i - θ_base`` for each model ``i``;
+2. **trim**: keep the ``density`` fraction of each ``d_i`` with the largest magnitudes (0.8 = drop the 20 %
+   smallest), zero the rest;
+3. **elect** a sign per parameter: the sign of the weighted sum ``Σ w_i d_i`` (the total magnitude; ties -> +);
+4. **disjoint mean**: average, with weights ``w_i``, only the deltas whose sign agrees with the elected one;
+5. add ``scale × merged delta`` back to ``θ_base``.
+
+Why mergekit and not our own code: it implements exactly these steps (``merge_method: ties`` with ``normalize``
+= disjoint weighted mean), it is the tool the mmBERT authors and most merge papers use, and it works with
+ModernBERT on our pinned stack through its architecture inference (it has no ModernBERT JSON definition; it
+infers the layer templates from the weights — measured: identical, to 1e-6, to a hand-written TIES on the tiny
+checkpoints; see tests/test_merge.py). What it does not do, we do here: check that the inputs are the same
+architecture and tokenizer before merging (mergekit would merge mismatched vocabularies or fail deep inside),
+keep our config.json (context and RoPE θ of the base), and write the folder atomically (the caller's
+``atomic_dir``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+
+# fields that must agree for a merge to make sense (shape and tokenizer); anything else may differ
+SHAPE_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "global_attn_every_n_layers", "local_attention")
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class MergeError(ValueError):
+    """The checkpoints cannot be merged; the message names the folder and the field."""
+
+
+def _config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise MergeError(f"{folder}: not a Hugging Face model folder (no config.json)")
+    return json.loads(path.read_text())
+
+
+def check_mergeable(base: Path, models: Mapping[str, Path]) -> dict:
+    """Raise MergeError unless every model has the base's shape and tokenizer; returns the base config."""
+    base_cfg = _config(base)
+    base_tok = (base / TOKENIZER_FILE).read_bytes() if (base / TOKENIZER_FILE).is_file() else None
+    for name, folder in models.items():
+        cfg = _config(folder)
+        for key in SHAPE_FIELDS:
+            if cfg.get(key) != base_cfg.get(key):
+                raise MergeError(f"{folder}/config.json: {key} = {cfg.get(key)!r} but the base model {base} has "
+                                 f"{base_cfg.get(key)!r}; only checkpoints of one architecture can be merged ({name})")
+        tok = folder / TOKENIZER_FILE
+        if base_tok is not None and tok.is_file() and tok.read_bytes() != base_tok:
+            raise MergeError(f"{tok}: a different tokenizer than the base model's ({base / TOKENIZER_FILE}); "
+                             f"token ids would not line up ({name})")
+    return base_cfg
+
+
+def mergekit_config(base: Path, models: Mapping[str, Path], weights: Mapping[str, float], density: float,
+                    scale: float) -> dict:
+    """The mergekit YAML (as a dict) for TIES with a disjoint weighted mean."""
+    return {
+        "merge_method": "ties",
+        "base_model": str(base),
+        "models": [{"model": str(models[name]), "parameters": {"weight": float(weights[name]),
+                                                               "density": float(density)}}
+                   for name in models],
+        "parameters": {"normalize": True, "lambda": float(scale)},
+        "dtype": "float32",
+        "out_dtype": "float32",
+    }
+
+
+def ties_merge(base: Path | str, models: Mapping[str, Path | str], out_dir: Path | str, *,
+               weights: Mapping[str, float], density: float = 0.8, scale: float = 1.0, log=print) -> dict:
+    """TIES-merge ``models`` (name -> HF folder) relative to ``base`` into the (empty) folder ``out_dir``.
+
+    Writes config.json (the base's), model.safetensors and the tokenizer files; returns a summary.
+    """
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    base, out_dir = Path(base), Path(out_dir)
+    models = {name: Path(folder) for name, folder in models.items()}
+    missing = sorted(set(models) - set(weights))
+    if missing:
+        raise MergeError(f"no merge weight for {missing}; weights are given for {sorted(weights)}")
+    if not 0 < density <= 1:
+        raise MergeError(f"density must be in (0, 1], got {density}")
+    base_cfg = check_mergeable(base, models)
+    config = mergekit_config(base, models, weights, density, scale)
+    log(f"TIES merge of {', '.join(models)} onto {base.name}: density {density}, weights "
+        f"{dict(weights)}, scale {scale}")
+    scratch = out_dir / ".mergekit"
+    run_merge(MergeConfiguration.model_validate(config), str(scratch),
+              options=MergeOptions(copy_tokenizer=False, lazy_unpickle=False, low_cpu_memory=False,
+                                   trust_remote_code=False, write_model_card=False, safe_serialization=True,
+                                   quiet=True))
+    weights_files = sorted(scratch.glob("*.safetensors"))
+    if not weights_files:
+        raise MergeError(f"mergekit wrote no safetensors into {scratch}")
+    for f in weights_files + sorted(scratch.glob("*.safetensors.index.json")):
+        shutil.move(str(f), out_dir / f.name)
+    shutil.rmtree(scratch)
+    (out_dir / "config.json").write_text(json.dumps(base_cfg, indent=2))  # the base's context and RoPE θ
+    for f in base.iterdir():  # tokenizer files (the inputs share one, checked above)
+        if f.is_file() and (f.name.startswith(("tokenizer", "special_tokens")) or f.name == "vocab.json"):
+            shutil.copy2(f, out_dir / f.name)
+    (out_dir / "merge_config.json").write_text(json.dumps(config, indent=1))
+    return {"method": "ties", "density": density, "scale": scale, "weights": dict(weights),
+            "models": {k: str(v) for k, v in models.items()}, "base": str(base)}

@@ -1,0 +1,122 @@
+"""TIES merge (mmbert_dagster.merge, through mergekit) on hand-computed deltas and real ModernBERT folders."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForMaskedLM
+
+from model_helpers import SHAPE, SPECIALS, VOCAB
+from mmbert_dagster.merge import MergeError, ties_merge
+from mmbert_dagster.train.model import build_model
+
+TENSOR = "model.final_norm.weight"  # 64 values: small enough to compute TIES by hand
+QUIET = lambda *_: None
+
+
+def save(model, folder):
+    model.save_pretrained(str(folder))
+    (folder / "tokenizer.json").write_text('{"stand-in": "one tokenizer for all"}')
+    return folder
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_model(SHAPE, VOCAB, SPECIALS, 256, 160_000.0, attn="sdpa")
+    return model, save(model, tmp_path_factory.mktemp("base"))
+
+
+def variant(base_model, folder, delta: torch.Tensor):
+    model = type(base_model)._from_config(base_model.config)
+    model.load_state_dict(base_model.state_dict())
+    with torch.no_grad():
+        dict(model.named_parameters())[TENSOR].add_(delta)
+    folder.mkdir()
+    return save(model, folder)
+
+
+def merged_tensors(out):
+    return load_file(str(out / "model.safetensors"))
+
+
+def test_ties_trims_elects_signs_and_averages_the_agreeing_deltas(base, tmp_path):
+    model, base_dir = base
+    i = torch.arange(64, dtype=torch.float32)
+    a, b, c = 1 + i / 100, -(2 + i / 100), 0.5 + i / 100  # smallest 13 of each (i < 13) are trimmed at density 0.8
+    folders = {name: variant(model, tmp_path / name, d) for name, d in (("a", a), ("b", b), ("c", c))}
+    out = tmp_path / "merged"
+    out.mkdir()
+    ties_merge(base_dir, folders, out, weights={"a": 1.0, "b": 1.0, "c": 1.0}, density=0.8, log=QUIET)
+    theta0 = dict(model.named_parameters())[TENSOR].detach()
+    delta = merged_tensors(out)[TENSOR] - theta0
+    # i < 13: every delta trimmed -> base value
+    assert torch.allclose(delta[:13], torch.zeros(13), atol=1e-6)
+    # 13 <= i < 50: a + b + c = -0.5 + i/100 < 0 -> only b agrees -> b's delta
+    assert torch.allclose(delta[13:50], b[13:50], atol=1e-5)
+    # i > 50: the sum is positive -> a and c agree -> their mean
+    assert torch.allclose(delta[51:], (a[51:] + c[51:]) / 2, atol=1e-5)
+    # every other tensor: no deltas -> exactly the base
+    merged = merged_tensors(out)
+    for name, p in model.state_dict().items():
+        if name != TENSOR and name in merged:
+            assert torch.equal(merged[name], p), name
+
+
+def test_weights_change_the_elected_sign_and_the_mean(base, tmp_path):
+    model, base_dir = base
+    i = torch.arange(64, dtype=torch.float32)
+    a, b, c = 1 + i / 100, -(2 + i / 100), 0.5 + i / 100
+    folders = {name: variant(model, tmp_path / name, d) for name, d in (("a", a), ("b", b), ("c", c))}
+    out = tmp_path / "merged"
+    out.mkdir()
+    ties_merge(base_dir, folders, out, weights={"a": 1.0, "b": 1.0, "c": 3.0}, density=0.8, scale=0.5, log=QUIET)
+    delta = merged_tensors(out)[TENSOR] - dict(model.named_parameters())[TENSOR].detach()
+    # a + b + 3c = 0.5 + 0.03 i > 0 everywhere: a and c agree, weighted mean (a + 3c) / 4, then x scale 0.5
+    assert torch.allclose(delta[13:], 0.5 * (a[13:] + 3 * c[13:]) / 4, atol=1e-5)
+
+
+def test_merging_identical_models_is_the_identity_and_loads_as_a_masked_lm(base, tmp_path):
+    model, base_dir = base
+    delta = torch.randn(64)
+    folders = {k: variant(model, tmp_path / k, delta) for k in ("decay_eng", "decay_cont", "decay_all")}
+    out = tmp_path / "merged"
+    out.mkdir()
+    ties_merge(base_dir, folders, out, weights={k: 1.0 for k in folders}, density=0.8, log=QUIET)
+    expected = load_file(str(folders["decay_eng"] / "model.safetensors"))
+    merged = merged_tensors(out)
+    trimmed = delta.abs() < delta.abs().sort(descending=True).values[int(0.8 * 64) - 1]
+    for name, p in expected.items():
+        if name == TENSOR:  # the trimmed 20 % fall back to the base; the kept deltas are exact
+            assert torch.allclose(merged[name][~trimmed], p[~trimmed], atol=1e-6)
+        else:
+            assert torch.equal(merged[name], p), name
+    loaded = AutoModelForMaskedLM.from_pretrained(str(out), local_files_only=True)
+    assert loaded.config.rope_parameters["full_attention"]["rope_theta"] == 160_000.0
+    assert json.loads((out / "merge_config.json").read_text())["merge_method"] == "ties"
+    assert (out / "tokenizer.json").is_file()
+
+
+def test_checkpoints_of_different_shapes_are_refused_naming_the_file_and_field(base, tmp_path):
+    model, base_dir = base
+    other = build_model(dataclasses.replace(SHAPE, hidden=32, intermediate=48), VOCAB, SPECIALS, 256, 160_000.0)
+    wrong = save(other, tmp_path / "wrong")
+    out = tmp_path / "merged"
+    out.mkdir()
+    with pytest.raises(MergeError, match=r"wrong/config.json: hidden_size = 32 but the base model"):
+        ties_merge(base_dir, {"decay_eng": base_dir, "decay_all": wrong}, out,
+                   weights={"decay_eng": 1.0, "decay_all": 1.0}, log=QUIET)
+    (tmp_path / "tok").mkdir()
+    odd = save(model, tmp_path / "tok")
+    (odd / "tokenizer.json").write_text('{"another": "tokenizer"}')
+    with pytest.raises(MergeError, match="a different tokenizer"):
+        ties_merge(base_dir, {"decay_eng": base_dir, "decay_all": odd}, out,
+                   weights={"decay_eng": 1.0, "decay_all": 1.0}, log=QUIET)
+    assert list(out.iterdir()) == []  # nothing written
