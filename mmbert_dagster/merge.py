@@ -75,6 +75,29 @@ def mergekit_config(base: Path, models: Mapping[str, Path], weights: Mapping[str
     }
 
 
+def ties_reference(base, tensors, weights, density: float, scale: float = 1.0):
+    """TIES on one tensor, written out (torch), with mergekit's conventions: keep the ``int(density * n)``
+    largest-magnitude deltas of each model, elected sign = sign of the weighted sum (0 counts as +), weighted mean
+    of the agreeing deltas. An independent re-computation used to verify mergekit's output (the asset check)."""
+    import torch
+
+    deltas = []
+    for t in tensors:
+        d = (t - base).float().flatten()
+        k = max(1, int(density * d.numel())) if density < 1 else d.numel()
+        keep = torch.zeros_like(d)
+        keep[torch.argsort(d.abs(), descending=True)[:k]] = 1
+        deltas.append(d * keep)
+    d = torch.stack(deltas)
+    w = torch.tensor([float(x) for x in weights]).view(-1, 1)
+    majority = torch.where((d * w).sum(0) >= 0, 1.0, -1.0)
+    agree = (d.sign() == majority).float()
+    den = (w * agree).sum(0)
+    den[den.abs() < 1e-8] = 1.0
+    merged = (d * w * agree).sum(0) / den
+    return (base.float().flatten() + scale * merged).view_as(base)
+
+
 def ties_merge(base: Path | str, models: Mapping[str, Path | str], out_dir: Path | str, *,
                weights: Mapping[str, float], density: float = 0.8, scale: float = 1.0, log=print) -> dict:
     """TIES-merge ``models`` (name -> HF folder) relative to ``base`` into the (empty) folder ``out_dir``.

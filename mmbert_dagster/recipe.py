@@ -105,10 +105,10 @@ class HfTask:
 class EvalConfig:
     """The offline stand-ins for the paper's benchmarks (see mmbert_dagster/evaluate) and optional online tasks."""
 
+    languages_per_tier: int = 24  # held-out languages scored per tier (high / mid / low / unseen), plus English
     mask_rate: float = 0.15  # masked-token accuracy on held-out text: the share of tokens hidden
-    max_texts_per_lang: int = 8  # held-out texts per language for masked-token accuracy
-    probe_train_tier: str = "high"  # the cross-lingual probe is fitted on English + this tier, tested on every language
-    throughput_texts: int = 256  # held-out texts encoded for tokens/s
+    max_texts_per_lang: int = 6  # held-out texts per language for masked-token accuracy
+    probe_train_tier: str = "high"  # the cross-lingual probe is fitted on English + this tier, tested on the rest
     batch_tokens: int = 8192  # packed inference micro-batch
     hf_tasks: tuple[HfTask, ...] = ()  # e.g. GLUE/XNLI (need `datasets` and a network or a local copy)
 
@@ -241,6 +241,7 @@ def _build_eval(table: dict, where: str) -> EvalConfig:
     _check(ev.probe_train_tier in ("high", "mid", "low"), f"{where}.probe_train_tier",
            f"must be high, mid or low, got {ev.probe_train_tier!r}")
     _check(ev.max_texts_per_lang >= 1, f"{where}.max_texts_per_lang", "must be >= 1")
+    _check(ev.languages_per_tier >= 1, f"{where}.languages_per_tier", "must be >= 1")
     return ev
 
 

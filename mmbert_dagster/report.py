@@ -25,14 +25,62 @@ def md_table(df: pl.DataFrame, max_rows: int = 30, float_digits: int = 4) -> str
     return "\n".join(lines)
 
 
-def png_markdown(fig, alt: str) -> str:
-    """Embed a matplotlib figure as a base64 PNG in Markdown (Dagster renders it in the asset's metadata)."""
+def png_bytes(fig) -> bytes:
+    """The figure as PNG bytes (and closed)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
     import matplotlib.pyplot as plt
 
     plt.close(fig)
-    return f"![{alt}](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})"
+    return buf.getvalue()
+
+
+def png_markdown(fig, alt: str) -> str:
+    """Embed a matplotlib figure as a base64 PNG in Markdown (Dagster renders it in the asset's metadata)."""
+    return inline_png(png_bytes(fig), alt)
+
+
+def inline_png(png: bytes, alt: str) -> str:
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def grouped_bar_chart(groups: list[str], series: dict[str, list[float]], title: str, ylabel: str,
+                      hline: float | None = None, hline_label: str = ""):
+    """Bars of several series side by side per group (e.g. models per tier); optional reference line (chance)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(groups) * max(1, len(series)) / 3), 3.4))
+    width = 0.8 / max(1, len(series))
+    for k, (name, values) in enumerate(series.items()):
+        ax.bar([i + (k - (len(series) - 1) / 2) * width for i in range(len(groups))], values, width, label=name)
+    if hline is not None:
+        ax.axhline(hline, color="grey", linestyle="--", linewidth=1, label=hline_label or None)
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    return fig
+
+
+def multi_line_chart(series: dict[str, tuple[list[float], list[float]]], title: str, xlabel: str, ylabel: str):
+    """Several (x, y) curves on one plot (e.g. the loss of every stage against cumulative tokens)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.0, 3.4))
+    for name, (x, y) in series.items():
+        ax.plot(x, y, label=name, linewidth=1.2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    return fig
 
 
 def bar_chart(labels: list[str], values: list[float], title: str, ylabel: str):

@@ -42,10 +42,10 @@ def subset_corpus(path: Path) -> None:
 
 def load_definitions():
     """Import (or re-import) the code location so code versions reflect the current MMBERT_PRESET recipe."""
-    from mmbert_dagster.assets import _common, data, mixtures, tokens, training
+    from mmbert_dagster.assets import _common, data, evaluation, mixtures, tokens, training
     import mmbert_dagster.definitions as definitions
 
-    for module in (_common, data, mixtures, tokens, training, definitions):
+    for module in (_common, data, mixtures, tokens, training, evaluation, definitions):
         importlib.reload(module)
     return definitions.defs
 
@@ -87,7 +87,7 @@ def test_whole_graph_materializes_with_passing_checks(graph):
     result = graph["result"]
     assert result.success
     keys = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
-    assert keys == DATA_KEYS | TRAINING_KEYS
+    assert keys == DATA_KEYS | TRAINING_KEYS | {"merged_model", "benchmark_scores"}
     checks = result.get_asset_check_evaluations()
     failed = [(c.asset_key.to_user_string(), c.check_name, c.metadata) for c in checks
               if not c.passed and c.severity == AssetCheckSeverity.ERROR]
@@ -105,6 +105,14 @@ def test_whole_graph_materializes_with_passing_checks(graph):
         AutoModelForMaskedLM.from_pretrained(root / key)  # a plain Hugging Face folder, offline
     fill = pipeline("fill-mask", model=str(root / "decay_all"))
     assert len(fill("Alle Menschen sind frei und gleich an [MASK] geboren.")) == 5
+    AutoModelForMaskedLM.from_pretrained(root / "merged_model")
+    scores = pl.read_parquet(root / "benchmark_scores" / "scores.parquet")
+    assert set(scores["model"]) == TRAINING_KEYS | {"merged_model"}
+    assert {"mlm", "retrieval", "topic_probe", "encode"} <= set(scores["task"])
+    assert {"english", "high", "mid", "low"} <= set(scores["tier"])
+    report = (root / "benchmark_scores" / "report.md").read_text()
+    assert "Decay-All lifts low over Decay-Eng?" in report and "plots/loss_curves.png" in report
+    assert (root / "benchmark_scores" / "plots" / "loss_curves.png").stat().st_size > 1000
 
 
 @pytest.mark.slow
@@ -125,6 +133,28 @@ def test_bare_cli_materializes_a_selection_from_the_repo_root(graph):
     # only the selected asset ran: upstream artifacts were not touched
     assert (graph["home"] / "e2e" / "raw_corpus" / "MANIFEST.json").stat().st_mtime_ns == raw_before
     assert "shards_decay_cont" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_decay_all_plus_from_the_cli_rebuilds_exactly_the_decay_the_merge_and_the_scores(graph):
+    """The README's `dagster asset materialize --select decay_all+`, run as-is from the repository root."""
+    env = {**os.environ, "MMBERT_HOME": str(graph["home"]), "MMBERT_PRESET": str(RECIPE),
+           "DAGSTER_HOME": str(graph["home"] / "dagster")}
+    env.pop("DAGSTER_CLI_ASSET_MATERIALIZE_MODULE_NAME", None)
+    (graph["home"] / "dagster").mkdir(exist_ok=True)
+    root = graph["home"] / "e2e"
+    stamp = lambda key: (root / key / "MANIFEST.json").stat().st_mtime_ns  # noqa: E731
+    keys = ["decay_all", "merged_model", "benchmark_scores", "decay_eng", "decay_cont", "midtrain_checkpoint",
+            "shards_decay_all"]
+    before = {k: stamp(k) for k in keys}
+    dagster = Path(sys.executable).parent / "dagster"
+    proc = subprocess.run([str(dagster), "asset", "materialize", "--select", "decay_all+"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "RUN_SUCCESS" in out
+    after = {k: stamp(k) for k in keys}
+    assert [k for k in keys if after[k] != before[k]] == ["decay_all", "merged_model", "benchmark_scores"]
 
 
 @pytest.mark.slow

@@ -120,3 +120,20 @@ def test_checkpoints_of_different_shapes_are_refused_naming_the_file_and_field(b
         ties_merge(base_dir, {"decay_eng": base_dir, "decay_all": odd}, out,
                    weights={"decay_eng": 1.0, "decay_all": 1.0}, log=QUIET)
     assert list(out.iterdir()) == []  # nothing written
+
+
+def test_reference_ties_agrees_with_mergekit_on_random_deltas(base, tmp_path):
+    """merge.ties_reference (the asset check's re-computation) = mergekit's output, weights and scale included."""
+    from mmbert_dagster.merge import ties_reference
+
+    model, base_dir = base
+    g = torch.Generator().manual_seed(3)
+    deltas = {k: torch.randn(64, generator=g) for k in ("a", "b", "c")}
+    folders = {k: variant(model, tmp_path / k, d) for k, d in deltas.items()}
+    weights = {"a": 0.5, "b": 1.0, "c": 2.0}
+    out = tmp_path / "merged"
+    out.mkdir()
+    ties_merge(base_dir, folders, out, weights=weights, density=0.6, scale=0.9, log=QUIET)
+    theta0 = dict(model.named_parameters())[TENSOR].detach()
+    ref = ties_reference(theta0, [theta0 + deltas[k] for k in weights], list(weights.values()), 0.6, 0.9)
+    assert torch.allclose(merged_tensors(out)[TENSOR], ref, atol=1e-6)

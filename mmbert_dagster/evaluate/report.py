@@ -1,0 +1,184 @@
+"""The run report: the paper's two questions answered from the score table, tables per tier, and plots.
+
+``build_report`` returns the Markdown twice — once with the plots as files beside it (``report.md`` +
+``plots/*.png``, for people and git) and once with the plots inlined as base64 (Dagster asset metadata) — so
+the two never drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from mmbert_dagster.evaluate.suite import CHANCE, TIERS
+from mmbert_dagster.report import grouped_bar_chart, inline_png, md_table, multi_line_chart, png_bytes
+
+TASK_METRICS = (("mlm", "accuracy"), ("retrieval", "accuracy@1"), ("topic_probe", "accuracy"))
+NEAR_BEST = 0.95  # "keeps English near the best variant": at least this share of the best decay variant's score
+
+
+@dataclass
+class Report:
+    markdown_files: str  # plots referenced as plots/<name>.png
+    markdown_inline: str  # plots inlined (asset metadata)
+    plots: dict[str, bytes]
+    findings: dict
+
+
+def _mean(table: pl.DataFrame, model: str, task: str, metric: str, tier: str) -> float:
+    v = table.filter((pl.col("model") == model) & (pl.col("task") == task) & (pl.col("metric") == metric)
+                     & (pl.col("tier") == tier) & (pl.col("lang") == "*"))["value"]
+    return float(v[0]) if len(v) else float("nan")
+
+
+def _fmt(x: float) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+def findings(table: pl.DataFrame, low_tiers: tuple[str, ...] = ("low",)) -> dict:
+    """The paper's questions, answered per task from the tier means (NaN-safe; None where a model is missing)."""
+    models = set(table["model"].to_list())
+    out: dict = {"low_tiers": list(low_tiers), "near_best": NEAR_BEST, "tasks": {}}
+    decays = [m for m in ("decay_eng", "decay_cont", "decay_all") if m in models]
+    for task, metric in TASK_METRICS:
+        low = {m: [_mean(table, m, task, metric, t) for t in low_tiers] for m in models}
+        low = {m: sum(v) / len(v) for m, v in low.items()}
+        eng = {m: _mean(table, m, task, metric, "english") for m in models}
+        row: dict = {"metric": metric, "low": low, "english": eng}
+        if {"decay_all", "decay_eng"} <= models:
+            row["decay_all_lifts_low"] = low["decay_all"] > low["decay_eng"]
+        if "merged_model" in models and decays:
+            best = max(decays, key=lambda m: -math.inf if math.isnan(eng[m]) else eng[m])
+            row["best_english_variant"] = best
+            row["merge_keeps_english"] = (not math.isnan(eng[best])) and eng["merged_model"] >= NEAR_BEST * eng[best]
+            if "decay_eng" in models:
+                row["merge_keeps_low_gain"] = low["merged_model"] > low["decay_eng"]
+        out["tasks"][task] = row
+    return out
+
+
+def _answer(flag) -> str:
+    return {True: "**yes**", False: "**no**", None: "n/a"}[flag]
+
+
+def _findings_md(f: dict) -> str:
+    low = "+".join(f["low_tiers"])
+    lines = ["## The paper's questions, for this run", "",
+             f"Low-resource = the `{low}` tier: languages that only Decay-All trained on (ranked below the "
+             f"mid-training set). English = the `english` tier.", ""]
+    lines.append("| task (metric) | Decay-All lifts low over Decay-Eng? | low: Decay-Eng → Decay-All | merge keeps "
+                 f"English (≥ {NEAR_BEST:.0%} of best variant)? | English: best variant → merge | merge keeps the "
+                 "low-resource gain? | low: Decay-Eng → merge |")
+    lines.append("|---|---|---|---|---|---|---|")
+    for task, r in f["tasks"].items():
+        best = r.get("best_english_variant")
+        lines.append(
+            f"| {task} ({r['metric']}) | {_answer(r.get('decay_all_lifts_low'))} | "
+            f"{_fmt(r['low'].get('decay_eng', math.nan))} → {_fmt(r['low'].get('decay_all', math.nan))} | "
+            f"{_answer(r.get('merge_keeps_english'))} | "
+            f"{best or 'n/a'} {_fmt(r['english'].get(best, math.nan)) if best else ''} → "
+            f"{_fmt(r['english'].get('merged_model', math.nan))} | {_answer(r.get('merge_keeps_low_gain'))} | "
+            f"{_fmt(r['low'].get('decay_eng', math.nan))} → {_fmt(r['low'].get('merged_model', math.nan))} |")
+    return "\n".join(lines)
+
+
+def _tier_table(table: pl.DataFrame, task: str, metric: str, models: list[str]) -> pl.DataFrame:
+    rows = table.filter((pl.col("task") == task) & (pl.col("metric") == metric) & (pl.col("lang") == "*"))
+    tiers = [t for t in (*TIERS, "all") if t in set(rows["tier"].to_list())]
+    data = {"model": models}
+    for t in tiers:
+        data[t] = [_mean(table, m, task, metric, t) for m in models]
+    return pl.DataFrame(data)
+
+
+def loss_curves(checkpoints: Mapping[str, Path]) -> dict[str, tuple[list[float], list[float]]]:
+    """Per stage: (cumulative tokens, training loss) from each checkpoint's logs/metrics.jsonl."""
+    curves = {}
+    for name, folder in checkpoints.items():
+        path = Path(folder) / "logs" / "metrics.jsonl"
+        if not path.is_file():
+            continue
+        xs, ys = [], []
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            if "train/loss" in row:
+                xs.append(row.get("train/tokens", row["step"]))
+                ys.append(row["train/loss"])
+        curves[name] = (xs, ys)
+    return curves
+
+
+def build_report(table: pl.DataFrame, *, checkpoints: Mapping[str, Path], mixtures: Mapping[str, pl.DataFrame],
+                 notes: list[str], title: str, top_languages: int = 12) -> Report:
+    models = [m for m in ("pretrain_checkpoint", "midtrain_checkpoint", "decay_eng", "decay_cont", "decay_all",
+                          "merged_model") if m in set(table["model"].to_list())]
+    models += sorted(set(table["model"].to_list()) - set(models))
+    f = findings(table)
+    plots: dict[str, bytes] = {}
+    sections = [f"# {title}", "", _findings_md(f), ""]
+
+    for task, metric in TASK_METRICS:
+        tt = _tier_table(table, task, metric, models)
+        if tt.width <= 1 or not tt.height:
+            continue
+        tiers = tt.columns[1:]
+        plots[f"{task}_by_tier"] = png_bytes(grouped_bar_chart(
+            tiers, {m: [float(v) for v in tt.filter(pl.col("model") == m).row(0)[1:]] for m in models},
+            f"{task}: {metric} per tier", metric, hline=CHANCE.get(task), hline_label="chance" if task in CHANCE else ""))
+        chance = f" (chance {CHANCE[task]:.3f})" if task in CHANCE else ""
+        sections += [f"## {task} — {metric} per tier{chance}", "", md_table(tt, max_rows=50), "",
+                     f"{{plot:{task}_by_tier}}", ""]
+
+    speed = table.filter(pl.col("task") == "encode").select("model", pl.col("value").alias("tokens_per_s"))
+    if speed.height:
+        sections += ["## Encoding throughput (packed, this machine)", "", md_table(speed), ""]
+    other = table.filter(~pl.col("task").is_in([t for t, _ in TASK_METRICS] + ["encode"]))
+    if other.height:
+        sections += ["## Online tasks", "", md_table(other, max_rows=100), ""]
+    if notes:
+        sections += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+
+    curves = loss_curves(checkpoints)
+    if curves:
+        plots["loss_curves"] = png_bytes(multi_line_chart(curves, "training loss per stage", "tokens into the stage",
+                                                          "MLM loss"))
+        sections += ["## Training loss per stage", "", "{plot:loss_curves}", ""]
+    if mixtures:
+        shares = pl.concat([m.select("stage", "lang", "share") for m in mixtures.values()])
+        top = (shares.group_by("lang").agg(pl.col("share").max()).sort("share", descending=True)
+               .head(top_languages)["lang"].to_list())
+        stages = list(mixtures)
+        series = {stage: [float(shares.filter((pl.col("stage") == stage) & (pl.col("lang") == lang))["share"].sum())
+                          for lang in top] for stage in stages}
+        plots["mixture_shares"] = png_bytes(grouped_bar_chart(top, series, "token share per stage (largest languages)",
+                                                              "share of the stage's tokens"))
+        sections += ["## Mixture shares per stage", "", "{plot:mixture_shares}", ""]
+
+    sections += ["## How to read this", "",
+                 "- `mlm`: share of hidden held-out tokens (UDHR articles 25–30, never trained on) guessed exactly.",
+                 "- `retrieval`: share of a language's articles whose nearest English article (cosine of mean-pooled "
+                 "embeddings) is the same article — the Tatoeba/MTEB bitext stand-in.",
+                 "- `topic_probe`: logistic regression on frozen embeddings, fitted on English + high-resource "
+                 "languages, tested on the others — zero-shot cross-lingual transfer (XNLI stand-in).",
+                 "- Tier means average languages equally; the long table has every language.", ""]
+    template = "\n".join(sections)
+    files_md, inline_md = template, template
+    for name, png in plots.items():
+        files_md = files_md.replace(f"{{plot:{name}}}", f"![{name}](plots/{name}.png)")
+        inline_md = inline_md.replace(f"{{plot:{name}}}", inline_png(png, name))
+    return Report(files_md, inline_md, plots, f)
+
+
+def write_report(report: Report, folder: Path) -> Path:
+    (folder / "plots").mkdir(parents=True, exist_ok=True)
+    for name, png in report.plots.items():
+        (folder / "plots" / f"{name}.png").write_bytes(png)
+    path = folder / "report.md"
+    path.write_text(report.markdown_files)
+    (folder / "findings.json").write_text(json.dumps(report.findings, indent=1, default=str))
+    return path
