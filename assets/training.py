@@ -40,12 +40,8 @@ TRAINING = {
     "decay_all": ("decay_all", "midtrain_checkpoint"),
 }
 HELDOUT_DOCS = 64  # held-out UDHR articles (never trained on) scored for the held-out MLM loss
-FILL_MASK_PROBES = {  # one masked word per language; shown as metadata so every checkpoint can be eyeballed
-    "eng_Latn": "All human beings are born free and equal in [MASK] and rights.",
-    "deu_Latn": "Alle Menschen sind frei und gleich an Würde und [MASK] geboren.",
-    "fra_Latn": "Tous les êtres humains naissent libres et égaux en dignité et en [MASK].",
-    "spa_Latn": "Todos los seres humanos nacen libres e iguales en dignidad y [MASK].",
-}
+FILL_MASK_FILE = "fill_mask.json"  # probe results, written into the checkpoint folder
+MIN_FILL_MASK_LANGS = 2
 
 
 def heldout_texts(store: ArtifactStore, langs: list[str]) -> list[str]:
@@ -72,17 +68,6 @@ def prepare_state_dir(state_dir: Path, store: ArtifactStore, upstream: list[str]
     return inputs
 
 
-def fill_mask_examples(model_dir) -> str:
-    from transformers import pipeline
-
-    fill = pipeline("fill-mask", model=str(model_dir), tokenizer=str(model_dir), device="cpu", top_k=3)
-    rows = []
-    for lang, sentence in FILL_MASK_PROBES.items():
-        guesses = ", ".join(f"{p['token_str'].strip()!r} ({p['score']:.2f})" for p in fill(sentence))
-        rows.append(f"| {lang} | {sentence} | {guesses} |")
-    return "| lang | sentence | top 3 |\n|---|---|---|\n" + "\n".join(rows)
-
-
 def build_training_asset(key: str) -> AssetsDefinition:
     stage_name, init_key = TRAINING[key]
     deps = [f"shards_{stage_name}", f"mixture_{stage_name}", "tokenizer", "raw_corpus", *([init_key] if init_key else [])]
@@ -90,6 +75,7 @@ def build_training_asset(key: str) -> AssetsDefinition:
     @asset(name=key, group_name="training", deps=deps, pool="gpu",
            code_version=code_version("model", "seed", f"stages.{stage_name}", modules=TRAINING_CORE))
     def _train(context: AssetExecutionContext, store: ArtifactStore, compute: Compute) -> MaterializeResult:
+        from mmbert_dagster.evaluate.fill_mask import probes_markdown, run_probes
         from mmbert_dagster.train import loop
         from mmbert_dagster.train.distributed import run_stage_distributed
 
@@ -112,11 +98,15 @@ def build_training_asset(key: str) -> AssetsDefinition:
             else:
                 metrics = loop.run_stage(stage, RECIPE.model, out_dir=out, **kwargs)
             (out / "inputs.json").write_text(json.dumps(inputs, indent=1))
+            probes = run_probes(out)
+            (out / FILL_MASK_FILE).write_text(json.dumps(
+                [{"lang": r.lang, "sentence": r.sentence, "expected": r.expected, "hit": r.hit,
+                  "top5": r.guesses} for r in probes], indent=1, ensure_ascii=False))
             # DESIGN: the final resume state (optimizer, RNG, data position) travels beside the weights
             shutil.copytree(state_dir / "trainer_state", out / "trainer_state")
         shutil.rmtree(state_dir, ignore_errors=True)
-        examples = fill_mask_examples(store.path(key))
-        context.log.info(f"{key}: fill-mask examples\n{examples}")
+        examples = probes_markdown(probes)
+        context.log.info(f"{key}: fill-mask probes ({sum(r.hit for r in probes)}/{len(probes)} hit)\n{examples}")
         losses = metrics["losses"]
         return MaterializeResult(
             metadata={
@@ -134,6 +124,7 @@ def build_training_asset(key: str) -> AssetsDefinition:
                 "rope_theta": stage.rope_theta,
                 "loss_curve": MetadataValue.md(line_chart_md(losses, f"{key}: training loss", "step", "MLM loss")),
                 "fill_mask": MetadataValue.md(examples),
+                "fill_mask_hits": ", ".join(r.lang for r in probes if r.hit) or "none",
             }
         )
 
@@ -170,7 +161,16 @@ def build_training_checks(key: str) -> list:
             metadata={"loss_first_steps": first, "loss_last_steps": last, "steps": len(summary["losses"])},
         )
 
-    return [_finite, _decreased]
+    @asset_check(asset=AssetKey(key), name="fills_masked_words",
+                 description="The checkpoint fills in the masked word of a held-out sentence (top 5) in at least "
+                             f"{MIN_FILL_MASK_LANGS} languages (a warning: a model still at the unigram plateau fails)")
+    def _fills(store: ArtifactStore) -> AssetCheckResult:
+        probes = json.loads((store.require(key) / FILL_MASK_FILE).read_text())
+        hits = [p["lang"] for p in probes if p["hit"]]
+        return AssetCheckResult(passed=len(hits) >= MIN_FILL_MASK_LANGS, severity=AssetCheckSeverity.WARN,
+                                metadata={"hits": ", ".join(hits) or "none", "probes": len(probes)})
+
+    return [_finite, _decreased, _fills]
 
 
 training_assets = [build_training_asset(k) for k in TRAINING]
