@@ -36,7 +36,7 @@ SCORES = "scores.parquet"
 EVAL_MODULES = tuple(f"mmbert_dagster.evaluate.{m}" for m in ("encode", "benchmarks", "suite", "hf_tasks", "report"))
 
 
-@asset(group_name="merge_eval", deps=[*DECAYS, "midtrain_checkpoint"], pool="gpu",
+@asset(group_name="merge_eval", deps=[*DECAYS, "midtrain_checkpoint"],
        code_version=code_version("merge", modules=("mmbert_dagster.merge",)),
        description="TIES merge of the decay variants relative to the mid-training checkpoint (mergekit): trim to "
                    "[merge].density, elect signs by total magnitude, average the agreeing deltas.")

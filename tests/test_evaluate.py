@@ -188,6 +188,10 @@ def test_findings_answer_the_papers_two_questions():
     assert yes["best_english_variant"] == "decay_eng"
     no = findings(synthetic_scores(low_all=0.05, eng_merged=0.40))["tasks"]["retrieval"]
     assert not no["decay_all_lifts_low"] and not no["merge_keeps_english"]
+    # a task that does not score English still answers the low-resource question
+    no_english = synthetic_scores(0.2, 0.49).filter(pl.col("tier") != "english")
+    r = findings(no_english)["tasks"]["mlm"]
+    assert "merge_keeps_english" not in r and r["merge_keeps_low_gain"] is True
 
 
 def test_report_has_answers_tables_and_plots_inline_and_as_files():

@@ -58,8 +58,8 @@ def findings(table: pl.DataFrame, low_tiers: tuple[str, ...] = ("low",)) -> dict
             best = max(scored, key=lambda m: eng[m])
             row["best_english_variant"] = best
             row["merge_keeps_english"] = eng["merged_model"] >= NEAR_BEST * eng[best]
-            if "decay_eng" in models:
-                row["merge_keeps_low_gain"] = low["merged_model"] > low["decay_eng"]
+        if {"merged_model", "decay_eng"} <= models:
+            row["merge_keeps_low_gain"] = low["merged_model"] > low["decay_eng"]
         out["tasks"][task] = row
     return out
 

@@ -11,7 +11,10 @@ StableAdamW. CPU in fp32; CUDA with bf16 autocast (as the training loop). Each t
 * ``packed``: one row, ``cu_seqlens``, attention per document (``mmbert_varlen``: on CUDA a FlashAttention-2
   varlen kernel, see ``attention.varlen_kernel``);
 * ``padded``: the same documents as a (B, L_max) batch with an attention mask, ``attn_implementation="sdpa"``
-  (what a stock Hugging Face collator + ModernBERT does).
+  (what a stock Hugging Face collator + ModernBERT does);
+* ``hf_packed``: transformers' own way to pack with SDPA (NOTES.md): documents packed into rows of at most
+  ``row_tokens`` (default: the longest document), the rows padded, a per-layer-type mask dict (block-diagonal;
+  block-diagonal within the window on the sliding layers), positions restarting per document.
 
 Variants are interleaved rep by rep (machine drift hits both); reported: real (non-pad) tokens/s, "best"
 from each batch's fastest rep (the least disturbed), "median" from the median rep, and MFU = model FLOPs
@@ -75,6 +78,37 @@ def padded_inputs(pairs, device) -> dict:
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
+def hf_packed_inputs(pairs, device, row_tokens: int, half_window: int = 64) -> dict:
+    """Rows of <= row_tokens tokens (documents whole, in order), padded to the longest row, with the mask dict."""
+    rows, row, used = [], [], 0
+    for ids, lab in pairs:
+        if row and used + ids.numel() > row_tokens:
+            rows.append(row)
+            row, used = [], 0
+        row.append((ids, lab))
+        used += ids.numel()
+    rows.append(row)
+    length = max(sum(x.numel() for x, _ in r) for r in rows)
+    ids = torch.zeros(len(rows), length, dtype=torch.long)
+    labels = torch.full((len(rows), length), IGNORE, dtype=torch.long)
+    pos = torch.zeros(len(rows), length, dtype=torch.long)
+    doc = torch.full((len(rows), length), -1, dtype=torch.long)  # document index in the row, -1 = padding
+    for r, docs in enumerate(rows):
+        at = 0
+        for d, (x, y) in enumerate(docs):
+            n = x.numel()
+            ids[r, at:at + n], labels[r, at:at + n] = x, y
+            pos[r, at:at + n] = torch.arange(n)
+            doc[r, at:at + n] = d
+            at += n
+    same = (doc[:, :, None] == doc[:, None, :]) & (doc[:, :, None] >= 0)
+    band = (pos[:, :, None] - pos[:, None, :]).abs() <= half_window
+    eye = torch.eye(length, dtype=torch.bool)[None]  # padding rows attend to themselves (no NaN rows)
+    full, sliding = (same | eye)[:, None], ((same & band) | eye)[:, None]
+    return {"input_ids": ids.to(device), "position_ids": pos.to(device), "labels": labels.to(device),
+            "attention_mask": {"full_attention": full.to(device), "sliding_attention": sliding.to(device)}}
+
+
 def train_flops(shape: ModelShape, vocab: int, lengths: list[int], n_masked: int) -> float:
     """FLOPs of one training step (forward + backward = 3 x forward) that the model actually needs.
 
@@ -120,8 +154,8 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int | None = None, 
 
 
 def bench(shape: ModelShape, *, vocab: int, context: int, budget: int, mean: float, std: float, steps: int = 6,
-          reps: int = 3, device: str = "auto", seed: int = 0, variants: tuple[str, ...] = ("packed", "padded")
-          ) -> dict:
+          reps: int = 3, device: str = "auto", seed: int = 0, variants: tuple[str, ...] = ("packed", "padded"),
+          row_tokens: int = 0) -> dict:
     from optimi import StableAdamW
 
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
@@ -131,11 +165,14 @@ def bench(shape: ModelShape, *, vocab: int, context: int, budget: int, mean: flo
     rng = np.random.default_rng(seed)
     base = build_model(shape, vocab, SPECIALS, context, 10_000.0, attn="auto")
     models = {"packed": base}
-    if "padded" in variants:
-        padded = type(base)._from_config(copy.deepcopy(base.config), attn_implementation="sdpa")
-        padded.load_state_dict(base.state_dict())
-        models["padded"] = padded
-    makers = {"packed": packed_inputs, "padded": padded_inputs}
+    for name in ("padded", "hf_packed"):
+        if name in variants:
+            other = type(base)._from_config(copy.deepcopy(base.config), attn_implementation="sdpa")
+            other.load_state_dict(base.state_dict())
+            models[name] = other
+    row = row_tokens or context
+    makers = {"packed": packed_inputs, "padded": padded_inputs,
+              "hf_packed": lambda pairs, d: hf_packed_inputs(pairs, d, row, shape.local_window // 2)}
     models = {k: m.to(dev) for k, m in models.items() if k in variants}
     batches = [masked(make_docs(rng, budget, mean, std, vocab, context), vocab, seed + i) for i in range(steps + 1)]
     real = [sum(ids.numel() for ids, _ in b) for b in batches]
@@ -194,6 +231,9 @@ def bench(shape: ModelShape, *, vocab: int, context: int, budget: int, mean: flo
     if {"packed", "padded"} <= set(models):
         out["speedup_best"] = best_s["padded"] / best_s["packed"]
         out["speedup_median"] = median_s["padded"] / median_s["packed"]
+    if {"packed", "hf_packed"} <= set(models):
+        out["hf_packed_row_tokens"] = row
+        out["speedup_vs_hf_packed_best"] = best_s["hf_packed"] / best_s["packed"]
     return out
 
 
