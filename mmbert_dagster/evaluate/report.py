@@ -99,20 +99,33 @@ def _tier_table(table: pl.DataFrame, task: str, metric: str, models: list[str]) 
     return pl.DataFrame(data)
 
 
-def loss_curves(checkpoints: Mapping[str, Path]) -> dict[str, tuple[list[float], list[float]]]:
-    """Per stage: (cumulative tokens, training loss) from each checkpoint's logs/metrics.jsonl."""
-    curves = {}
+CONTINUES_FROM = {"midtrain_checkpoint": "pretrain_checkpoint", "decay_eng": "midtrain_checkpoint",
+                  "decay_cont": "midtrain_checkpoint", "decay_all": "midtrain_checkpoint"}
+
+
+def loss_curves(checkpoints: Mapping[str, Path], smooth: int = 10) -> dict[str, tuple[list[float], list[float]]]:
+    """Per stage: (tokens since the start of pre-training, training loss as a moving mean over ``smooth`` steps),
+    from each checkpoint's logs/metrics.jsonl. A stage starts where the stage it continues from ended, so the
+    decays branch off the end of mid-training."""
+    raw = {}
     for name, folder in checkpoints.items():
         path = Path(folder) / "logs" / "metrics.jsonl"
         if not path.is_file():
             continue
-        xs, ys = [], []
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            if "train/loss" in row:
-                xs.append(row.get("train/tokens", row["step"]))
-                ys.append(row["train/loss"])
-        curves[name] = (xs, ys)
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = [r for r in rows if "train/loss" in r]
+        if rows:
+            raw[name] = ([float(r.get("train/tokens", r["step"])) for r in rows], [r["train/loss"] for r in rows])
+
+    def start(name: str) -> float:
+        parent = CONTINUES_FROM.get(name)
+        return start(parent) + raw[parent][0][-1] if parent in raw else 0.0
+
+    curves = {}
+    for name, (xs, ys) in raw.items():
+        k = max(1, min(smooth, len(ys)))
+        smoothed = [sum(ys[max(0, i - k + 1):i + 1]) / len(ys[max(0, i - k + 1):i + 1]) for i in range(len(ys))]
+        curves[name] = ([start(name) + x for x in xs], smoothed)
     return curves
 
 
@@ -137,7 +150,8 @@ def build_report(table: pl.DataFrame, *, checkpoints: Mapping[str, Path], mixtur
         sections += [f"## {task} — {metric} per tier{chance}", "", md_table(tt, max_rows=50), "",
                      f"{{plot:{task}_by_tier}}", ""]
 
-    speed = table.filter(pl.col("task") == "encode").select("model", pl.col("value").alias("tokens_per_s"))
+    speed = table.filter(pl.col("task") == "encode").select("model", pl.col("value").round(0).cast(pl.Int64)
+                                                            .alias("tokens_per_s"))
     if speed.height:
         sections += ["## Encoding throughput (packed, this machine)", "", md_table(speed), ""]
     other = table.filter(~pl.col("task").is_in([t for t, _ in TASK_METRICS] + ["encode"]))
@@ -148,8 +162,9 @@ def build_report(table: pl.DataFrame, *, checkpoints: Mapping[str, Path], mixtur
 
     curves = loss_curves(checkpoints)
     if curves:
-        plots["loss_curves"] = png_bytes(multi_line_chart(curves, "training loss per stage", "tokens into the stage",
-                                                          "MLM loss"))
+        plots["loss_curves"] = png_bytes(multi_line_chart(
+            curves, "training loss per stage (moving mean of 10 steps)", "tokens since the start of pre-training",
+            "MLM loss"))
         sections += ["## Training loss per stage", "", "{plot:loss_curves}", ""]
     if mixtures:
         shares = pl.concat([m.select("stage", "lang", "share") for m in mixtures.values()])
