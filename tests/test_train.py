@@ -47,6 +47,7 @@ QUIET = lambda *_: None
 @pytest.mark.parametrize("window, lengths", [
     (16, [40, 100, 7, 70, 9, 64, 55]),  # 9 = w + 1 (no mask needed); 64+ = blockwise; the rest band-masked
     (128, [600, 200, 60, 130]),  # the real window: band mask (200) and blockwise (600) paths
+    (16, [70, 9, 70, 100, 9, 70, 100]),  # equal lengths share one batched SDPA call on every path
 ])
 def test_packed_loss_equals_per_document_loss(window, lengths):
     torch.manual_seed(0)

@@ -10,7 +10,8 @@ transformers' own ``ModernBertForMaskedLM`` and only swap how each layer compute
   ``gpu`` extra), else PyTorch's own ``torch.nn.attention.varlen.varlen_attn`` (the same FA2 kernels, shipped
   inside PyTorch >= 2.10; used for the layers its version supports — the local layers need its
   ``window_size`` argument). ``MMBERT_VARLEN_KERNEL=flash_attn|torch|loop`` forces one (benchmarks, tests).
-* anywhere else (CPU; a CUDA layer no kernel supports): a loop over the documents, one SDPA call per document, so the
+* anywhere else (CPU; a CUDA layer no kernel supports): a loop over the documents, one SDPA call per document
+  (documents of equal length batched into one call — uniform lengths cost no more than a padded batch), so the
   work is sum(len_i^2) instead of T^2 and no document ever sees another. Local layers get a band mask
   ``|i - j| <= w`` inside each document; documents no longer than ``w + 1`` need no mask at all, and long
   documents (>= ``BLOCKWISE_MIN_WINDOWS`` windows) are computed blockwise — query blocks of one window, each
@@ -169,11 +170,25 @@ def varlen_attention(
         return out.to(query.dtype).unsqueeze(0), None
     lengths = (cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).tolist()
     # split (not slicing): its backward is one cat, where slices would each build a full-size zero gradient
-    outs = [
-        _document_attention(q, k, v, half_window, scaling, dropout)
-        for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2))
-    ]
+    qs, ks, vs = query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2)
+    outs: list[torch.Tensor | None] = [None] * len(lengths)
+    for length, idx in _same_length_groups(lengths).items():
+        if len(idx) == 1:
+            i = idx[0]
+            outs[i] = _document_attention(qs[i], ks[i], vs[i], half_window, scaling, dropout)
+            continue
+        # documents of equal length go through SDPA as one batch: one kernel call instead of one per document
+        q, k, v = (torch.cat([x[i] for i in idx], dim=0) for x in (qs, ks, vs))
+        for i, o in zip(idx, _document_attention(q, k, v, half_window, scaling, dropout).split(1, dim=0)):
+            outs[i] = o
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _same_length_groups(lengths: list[int]) -> dict[int, list[int]]:
+    groups: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        groups.setdefault(n, []).append(i)
+    return groups
 
 
 AttentionInterface.register(ATTN_NAME, varlen_attention)
