@@ -2,11 +2,9 @@
 plus the nightly_eval schedule.
 
 benchmark_scores depends directly on the three decays and merged_model, so ``--select decay_all+`` re-runs
-exactly decay_all, merged_model and benchmark_scores. The pre-/mid-training checkpoints are read as reference
-rows without being dependencies (they are upstream of decay_all anyway, and a dependency would not change what
-``decay_all+`` selects, but it would make benchmark_scores stale after every pre-training re-run).
+exactly decay_all, merged_model and benchmark_scores. The pre-/mid-training checkpoints are scored as reference
+rows when they exist, without being declared dependencies (they are upstream of every decay anyway).
 """
-
 
 import polars as pl
 from dagster import (

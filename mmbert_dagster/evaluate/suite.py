@@ -159,7 +159,8 @@ def evaluate(models: Mapping[str, Path], heldout: pl.DataFrame, tiers: Mapping[s
     encoders = {}
     for name, folder in models.items():
         enc = Encoder(Path(folder), device=device, batch_tokens=cfg.batch_tokens)
-        encoders[name] = enc
+        if cfg.hf_tasks:  # kept for the online tasks below; otherwise each model is freed after scoring
+            encoders[name] = enc
         model_rows = score_model(name, enc, evalset, cfg, english=english, seed=seed, probe_tier=cfg.probe_train_tier)
         rows += model_rows
         means = {t: np.mean([r["value"] for r in model_rows if r["task"] == t]) for t in ("mlm", "retrieval")}
