@@ -30,7 +30,7 @@ $(DAGSTER_HOME)/dagster.yaml: scripts/dagster.yaml
 
 demo: env $(DAGSTER_HOME)/dagster.yaml
 	@start=$$(date +%s); \
-	$(BIN)/dagster asset materialize -m mmbert_dagster.definitions --select '*' -c scripts/in_process.yaml && \
+	$(BIN)/dagster asset materialize -m mmbert_dagster.definitions --select '*' && \
 	echo "materialized the whole graph in $$(( $$(date +%s) - start )) s; artifacts under $(MMBERT_HOME)/$${MMBERT_PRESET:-tiny}/" && \
 	echo "report: $(MMBERT_HOME)/$${MMBERT_PRESET:-tiny}/benchmark_scores/report.md"
 
