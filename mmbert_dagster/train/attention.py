@@ -172,7 +172,7 @@ def varlen_attention(
     # split (not slicing): its backward is one cat, where slices would each build a full-size zero gradient
     qs, ks, vs = query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2)
     outs: list[torch.Tensor | None] = [None] * len(lengths)
-    for length, idx in _same_length_groups(lengths).items():
+    for idx in _same_length_groups(lengths).values():
         if len(idx) == 1:
             i = idx[0]
             outs[i] = _document_attention(qs[i], ks[i], vs[i], half_window, scaling, dropout)
