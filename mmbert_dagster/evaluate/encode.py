@@ -9,14 +9,15 @@ training, so no compute is spent on padding and documents never see each other.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from mmbert_dagster.train.packing import IGNORE, collate
+from mmbert_dagster.train.loop import autocast_for
+from mmbert_dagster.train.packing import IGNORE, collate, pack_rows
 
 
 @dataclass
@@ -68,22 +69,12 @@ class Encoder:
             out.append(ids)
         return out
 
-    def _rows(self, docs: Sequence[np.ndarray]) -> Iterator[list[int]]:
+    def _rows(self, docs: Sequence[np.ndarray]) -> list[list[int]]:
         """Indices of ``docs`` per packed row (order kept)."""
-        row, used = [], 0
-        for i, d in enumerate(docs):
-            if row and used + d.size > self.batch_tokens:
-                yield row
-                row, used = [], 0
-            row.append(i)
-            used += d.size
-        if row:
-            yield row
+        return pack_rows([d.size for d in docs], self.batch_tokens)
 
     def _autocast(self):
-        if str(self.device).startswith("cuda"):
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return torch.autocast("cpu", enabled=False)
+        return autocast_for(torch.device(self.device))
 
     @torch.no_grad()
     def embed(self, texts: Sequence[str]) -> np.ndarray:

@@ -25,7 +25,6 @@ the same run (same dtype). Other processes on the machine slow a CPU step 5-15x:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import os
@@ -36,9 +35,10 @@ import numpy as np
 import torch
 
 from mmbert_dagster.recipe import ModelShape, load_recipe
+from mmbert_dagster.train.loop import autocast_for
 from mmbert_dagster.train.masking import mask_tokens
 from mmbert_dagster.train.model import build_model
-from mmbert_dagster.train.packing import IGNORE, collate
+from mmbert_dagster.train.packing import IGNORE, collate, pack_rows
 
 SPECIALS = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
 MASK_RATE = 0.3
@@ -80,14 +80,7 @@ def padded_inputs(pairs, device) -> dict:
 
 def hf_packed_inputs(pairs, device, row_tokens: int, half_window: int = 64) -> dict:
     """Rows of <= row_tokens tokens (documents whole, in order), padded to the longest row, with the mask dict."""
-    rows, row, used = [], [], 0
-    for ids, lab in pairs:
-        if row and used + ids.numel() > row_tokens:
-            rows.append(row)
-            row, used = [], 0
-        row.append((ids, lab))
-        used += ids.numel()
-    rows.append(row)
+    rows = [[pairs[i] for i in row] for row in pack_rows([ids.numel() for ids, _ in pairs], row_tokens)]
     length = max(sum(x.numel() for x, _ in r) for r in rows)
     ids = torch.zeros(len(rows), length, dtype=torch.long)
     labels = torch.full((len(rows), length), IGNORE, dtype=torch.long)
@@ -160,7 +153,6 @@ def bench(shape: ModelShape, *, vocab: int, context: int, budget: int, mean: flo
 
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext())
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     base = build_model(shape, vocab, SPECIALS, context, 10_000.0, attn="auto")
@@ -192,7 +184,7 @@ def bench(shape: ModelShape, *, vocab: int, context: int, budget: int, mean: flo
             for x in inputs:
                 _sync(dev)
                 t0 = time.perf_counter()
-                with autocast:
+                with autocast_for(dev):
                     loss = model(**x).loss
                 loss.backward()
                 optims[name].step()

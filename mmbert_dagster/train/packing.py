@@ -94,6 +94,22 @@ def split_document(doc: np.ndarray, context_length: int, cls_id: int, sep_id: in
     return [np.concatenate([cls, part, sep]) for part in np.array_split(content, n)]
 
 
+def pack_rows(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Indices of whole documents per row, in order: a row takes the next document while it stays within
+    ``budget`` tokens (a document longer than the budget gets a row of its own)."""
+    rows: list[list[int]] = []
+    row, used = [], 0
+    for i, n in enumerate(lengths):
+        if row and used + n > budget:
+            rows.append(row)
+            row, used = [], 0
+        row.append(i)
+        used += n
+    if row:
+        rows.append(row)
+    return rows
+
+
 def collate(pieces: Sequence[np.ndarray]) -> PackedBatch:
     """One packed row from token arrays (no padding, no labels)."""
     if not pieces:
