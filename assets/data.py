@@ -43,6 +43,9 @@ def raw_corpus(context: AssetExecutionContext, store: ArtifactStore, corpus: Cor
             "skipped_by_reason": MetadataValue.json(skips.counts),
             "heldout_rows": pq.read_metadata(heldout).num_rows if heldout is not None else 0,
             "largest_languages": MetadataValue.md(md_table(langs, 15)),
+            "bytes_per_language": MetadataValue.md(bar_chart_md(
+                langs.head(30).with_columns(mb=pl.col("bytes") / 1e6), "declared_lang", "mb",
+                "30 largest declared languages", "MB")),
         }
     )
 
@@ -120,7 +123,8 @@ def language_id_model(
             seconds = 0.0
         else:
             context.log.info(f"training fastText on {len(train)} chunks in {docs['declared_lang'].n_unique()} languages")
-            seconds = langid.train_model(train, out / "model.bin", RECIPE.lid, RECIPE.seed)
+            seconds = langid.train_model(train, out / "model.bin", RECIPE.lid, RECIPE.seed, held=held,
+                                          log=context.log.warning)
         model = langid.load_model(out / "model.bin")
         thresholds, summary = langid.calibrate(model, held, RECIPE.lid)
         thresholds.write_parquet(out / "thresholds.parquet")

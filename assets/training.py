@@ -93,8 +93,9 @@ def build_training_asset(key: str) -> AssetsDefinition:
             checkpoint_every=compute.checkpoint_every, log=context.log.info,
         )
         with store.write(key) as out:
-            if compute.nproc_per_node > 1:
-                metrics = run_stage_distributed(stage, RECIPE.model, compute.nproc_per_node, out_dir=out, **kwargs)
+            launcher = compute.launcher()
+            if launcher.distributed:
+                metrics = run_stage_distributed(stage, RECIPE.model, launcher, out_dir=out, **kwargs)
             else:
                 metrics = loop.run_stage(stage, RECIPE.model, out_dir=out, **kwargs)
             (out / "inputs.json").write_text(json.dumps(inputs, indent=1))

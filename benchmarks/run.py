@@ -18,7 +18,6 @@ Waits (up to ``--wait`` s) until other processes use < 10 % of the CPUs before e
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime as dt
 import json
 import os

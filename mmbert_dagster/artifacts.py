@@ -35,7 +35,7 @@ def asset_dir(root: Path, preset: str, key: str) -> Path:
     return Path(root) / preset / key
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -45,7 +45,7 @@ def _sha256(path: Path) -> str:
 
 def write_manifest(folder: Path, extra: dict | None = None) -> dict:
     files = {
-        str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.name != MANIFEST
     }
@@ -75,7 +75,7 @@ def verify_artifact(folder: Path, what: str | None = None) -> dict:
             raise ArtifactError(
                 f"{label}: file {path} is {path.stat().st_size} bytes, expected {info['bytes']} (truncated?)"
             )
-        if _sha256(path) != info["sha256"]:
+        if sha256_file(path) != info["sha256"]:
             raise ArtifactError(f"{label}: file {path} fails its SHA-256 check (corrupted)")
     return manifest
 

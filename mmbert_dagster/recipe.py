@@ -48,6 +48,9 @@ class LanguageIdConfig:
     word_ngrams: int = 2  # token bigrams; with unspaced scripts split into characters = character bigrams
     buckets: int = 100_000  # hashed n-gram rows: model size ≈ buckets × dim × 4 bytes
     lr: float = 0.8
+    threads: int = 1  # 1: the same model bit for bit on every run (measured; 35 s on the embedded corpus); more
+    # threads train faster (2: 18 s) but fastText's lock-free updates then give a different model each run
+    min_heldout_accuracy: float = 0.3  # below this a trained model is taken as diverged and retrained at lr / 2
     max_train_chars_per_lang: int = 40_000  # caps the big languages so training stays fast and balanced
     holdout_fraction: float = 0.1  # documents held out to measure accuracy and calibrate thresholds
     threshold_quantile: float = 0.05  # per-language threshold = this quantile of correct held-out scores
@@ -313,4 +316,6 @@ def recipe_from_dict(data: dict, source: str = "<dict>") -> Recipe:
     _check(0 < recipe.tier_high <= recipe.tier_mid, f"{source}: tier_high", "must satisfy 0 < tier_high <= tier_mid")
     _check(recipe.tokenizer.vocab_size >= 256, f"{source}: [tokenizer].vocab_size", "must be >= 256")
     _check(0 < recipe.lid.holdout_fraction < 0.5, f"{source}: [lid].holdout_fraction", "must be in (0, 0.5)")
+    _check(recipe.lid.threads >= 1, f"{source}: [lid].threads", "must be >= 1")
+    _check(0 <= recipe.lid.min_heldout_accuracy < 1, f"{source}: [lid].min_heldout_accuracy", "must be in [0, 1)")
     return recipe

@@ -111,8 +111,18 @@ class Compute(ConfigurableResource):
 
     data_workers: int = 1  # datatrove local workers
     device: str = "auto"  # auto | cpu | cuda
-    nproc_per_node: int = 1  # torchrun processes per node for training assets
+    nproc_per_node: int = 1  # torchrun processes per node for training assets (one per GPU)
+    nnodes: int = 1  # nodes of a multi-node training run (each runs torchrun; they meet at rdzv_endpoint)
+    rdzv_endpoint: str = ""  # host:port of torchrun's c10d rendezvous, reachable from every node (nnodes > 1)
+    launch_prefix: list[str] = []  # starts torchrun on every node, e.g. ["srun", "--nodes=4", "--ntasks-per-node=1"]
     checkpoint_every: int = 25  # optimizer steps between resume checkpoints of a training stage
+
+    def launcher(self):
+        """How training processes start (mmbert_dagster.train.distributed.Launcher)."""
+        from mmbert_dagster.train.distributed import Launcher
+
+        return Launcher(nproc_per_node=self.nproc_per_node, nnodes=self.nnodes, rdzv_endpoint=self.rdzv_endpoint,
+                        prefix=tuple(self.launch_prefix))
 
 
 def default_resources() -> dict:

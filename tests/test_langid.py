@@ -64,3 +64,26 @@ def test_a_file_that_is_not_a_fasttext_model_fails_clearly(tmp_path):
         langid.load_model(bad)
     with pytest.raises(langid.LanguageIdError, match="does not exist"):
         langid.load_model(tmp_path / "missing.bin")
+
+
+def test_a_collapsed_model_is_retrained_at_lower_learning_rates_then_refused(trained, tmp_path):
+    """A model below the held-out accuracy floor counts as diverged: retried at lr/2, lr/4, lr/8, then an error."""
+    cfg = dataclasses.replace(trained["cfg"], epochs=2, max_train_chars_per_lang=3_000, min_heldout_accuracy=0.999)
+    train, held = langid.split_labelled(trained["corpus"], cfg)
+    lines = []
+    with pytest.raises(langid.LanguageIdError, match=r"collapsed \(held-out accuracy .* < min_heldout_accuracy"):
+        langid.train_model(train, tmp_path / "model.bin", cfg, seed=1, held=held, log=lines.append)
+    assert [line.split("retrying at ")[1] for line in lines] == ["lr=0.4", "lr=0.2", "lr=0.1"]
+    assert not (tmp_path / "model.bin").exists()
+    ok = dataclasses.replace(cfg, min_heldout_accuracy=0.3)
+    langid.train_model(train, tmp_path / "model.bin", ok, seed=1, held=held, log=lines.append)
+    assert (tmp_path / "model.bin").is_file() and len(lines) == 3
+
+
+def test_training_twice_gives_the_same_model_bit_for_bit(trained, tmp_path):
+    """Re-materializing language ID must not change every downstream artifact (threads = 1, a fresh process)."""
+    cfg = dataclasses.replace(trained["cfg"], epochs=5, max_train_chars_per_lang=5_000)
+    train, held = langid.split_labelled(trained["corpus"], cfg)
+    for name in ("a.bin", "b.bin"):
+        langid.train_model(train, tmp_path / name, cfg, seed=1, held=held)
+    assert (tmp_path / "a.bin").read_bytes() == (tmp_path / "b.bin").read_bytes()

@@ -6,7 +6,6 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-import copy
 import dataclasses
 import json
 import shutil
@@ -14,13 +13,12 @@ from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 import pytest
 import torch
 
-from mmbert_dagster.data.shards import build_shards
+from mmbert_dagster.data.shards import ShardError
 from mmbert_dagster.data.tokenizer import train_tokenizer
-from mmbert_dagster.recipe import ModelShape, Stage, TokenizerConfig
+from mmbert_dagster.recipe import Stage, TokenizerConfig
 from mmbert_dagster.train.attention import ATTN_NAME
 from mmbert_dagster.train.checkpoint import CheckpointError
 from mmbert_dagster.train.loop import run_stage
@@ -31,15 +29,7 @@ from mmbert_dagster.train.packing import IGNORE, DataPosition, Packer, collate, 
 from mmbert_dagster.train.schedule import lr_at, total_steps_for, warmup_steps_for
 
 from model_helpers import SHAPE, SPECIALS, VOCAB, random_doc, reference_copy
-
-STAGE = Stage(
-    name="pretrain", languages=2, tau=0.7, tokens=5 * 1024, max_repeat=5.0, english_boost=1.0, mask_rate=0.3,
-    context_length=128, rope_theta=10_000.0, lr_peak=1e-3, lr_final=1e-3, warmup_tokens=2048, lr_decay="none",
-    batch_tokens=1024, weight_decay=1e-5, betas=(0.9, 0.98), grad_clip=1.0, init_from="",
-)
-QUIET = lambda *_: None
-
-
+from stage_data import QUIET, STAGE, WORDS, make_stage_data
 
 # ------------------------------------------------------------------------------------------ attention
 
@@ -266,32 +256,9 @@ def test_extend_context_changes_global_rope_only_and_is_saved(tmp_path):
 # ------------------------------------------------------------------------------------------ the loop
 
 
-WORDS = ("the of and to in is was for that with as on by language people world right free equal born "
-         "der die und das ist nicht mit für auf dem eine Menschen Würde Recht frei gleich").split()
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict:
-    """A tiny tokenizer and one stage's shards (documents of ~10 to ~600 tokens)."""
-    root = tmp_path_factory.mktemp("train_data")
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(160):
-        lang = ("eng_Latn", "deu_Latn")[i % 2]
-        n_words = int(rng.choice([8, 30, 80, 200, 350]))
-        text = " ".join(rng.choice(WORDS, n_words)) + "."
-        rows.append({"doc_id": f"{lang}-{i:04d}", "source": "synthetic", "declared_lang": lang, "text": text,
-                     "lang": lang})
-    docs = pl.DataFrame(rows)
-    docs.select("doc_id", "source", "declared_lang", "text").write_parquet(root / "docs.parquet")
-    docs.select("doc_id", "lang", pl.lit(True).alias("passed")).write_parquet(root / "lid.parquet")
-    cfg = TokenizerConfig(vocab_size=VOCAB, sample_bytes_per_lang=50_000, min_frequency=2)
-    train_tokenizer(((r["lang"], r["text"]) for r in rows), root / "tokenizer", cfg, log=QUIET)
-    mixture = pl.DataFrame({"stage": ["pretrain"] * 2, "lang": ["eng_Latn", "deu_Latn"], "repeat_factor": [1.0, 1.0]})
-    build_shards([root / "docs.parquet"], root / "lid.parquet", mixture, root / "tokenizer", root / "shards",
-                 seed=0, log=QUIET)
-    heldout = [" ".join(rng.choice(WORDS, 40)) for _ in range(6)]
-    return {"root": root, "shards": root / "shards", "tokenizer": root / "tokenizer", "heldout": heldout}
+    return make_stage_data(tmp_path_factory.mktemp("train_data"))
 
 
 def train(data, name: str, stage: Stage = STAGE, **kw) -> dict:
@@ -358,6 +325,16 @@ def test_corrupted_or_foreign_checkpoint_is_refused(uninterrupted, data):
         train(data, "bad")
 
 
+def test_a_tokenizer_other_than_the_shards_one_is_refused(data):
+    other = data["root"] / "other_tokenizer"
+    rows = [("eng_Latn", " ".join(WORDS[::-1]) * 3)] * 20
+    train_tokenizer(rows, other, TokenizerConfig(vocab_size=VOCAB - 64, sample_bytes_per_lang=50_000,
+                                                 min_frequency=1), log=QUIET)
+    with pytest.raises(ShardError, match=r"another tokenizer than .*other_tokenizer/tokenizer.json.*vocabulary"):
+        train(data, "wrong_tokenizer", tokenizer_dir=other)
+    assert not (data["root"] / "wrong_tokenizer" / "out").exists()
+
+
 def test_output_folder_loads_with_automodel_and_fill_mask_pipeline_offline(uninterrupted, data):
     from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline
 
@@ -416,6 +393,45 @@ def test_two_process_torchrun_gloo_step(data):
     assert [p["doc"] % 2 for p in state["positions"]] == [0, 1]  # each rank its own slice
     assert (folder / "out/model.safetensors").is_file()
     assert any("step 2/2" in line for line in lines)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_multi_node_launch_command_uses_c10d_rendezvous():
+    from mmbert_dagster.train.distributed import Launcher
+
+    single = Launcher(nproc_per_node=8).command(["--job", "j.json"])
+    assert "--standalone" in single and "--nproc-per-node=8" in single
+    multi = Launcher(nproc_per_node=8, nnodes=4, rdzv_endpoint="node0:29500",
+                     prefix=("srun", "--nodes=4", "--ntasks-per-node=1")).command(["--job", "j.json"], "pretrain-1")
+    assert multi[:3] == ["srun", "--nodes=4", "--ntasks-per-node=1"] and "--standalone" not in multi
+    assert {"--nnodes=4", "--rdzv-backend=c10d", "--rdzv-endpoint=node0:29500", "--rdzv-id=pretrain-1"} <= set(multi)
+    with pytest.raises(ValueError, match="rdzv_endpoint"):
+        Launcher(nnodes=2)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _gloo_available(), reason="needs torch.distributed with gloo")
+def test_two_nodes_meet_at_the_rendezvous_and_train_one_stage(data):
+    """Two torchrun agents on one machine, started by a prefix the way `srun --nodes=2 --ntasks-per-node=1`
+    starts one per node, meet at a c10d rendezvous and train as one 2-rank job."""
+    from mmbert_dagster.train.distributed import Launcher, run_stage_distributed
+
+    twice = ("sh", "-c", '"$@" & first=$!; "$@"; second=$?; wait $first && exit $second', "sh")
+    launcher = Launcher(nproc_per_node=1, nnodes=2, rdzv_endpoint=f"127.0.0.1:{_free_port()}", prefix=twice)
+    folder = data["root"] / "two_nodes"
+    lines = []
+    m = run_stage_distributed(dataclasses.replace(STAGE, tokens=2 * 1024), SHAPE, launcher, log=lines.append,
+                              shards_dir=data["shards"], tokenizer_dir=data["tokenizer"], out_dir=folder / "out",
+                              state_dir=folder / "state", seed=0, device="cpu", micro_batch_tokens=512)
+    assert m["world"] == 2 and m["steps"] == 2 and np.isfinite(m["final_loss"])
+    assert (folder / "out/model.safetensors").is_file()
 
 
 def test_metrics_log_drops_steps_trained_again_after_resume(tmp_path):

@@ -60,6 +60,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import signal
 import shutil
 import subprocess
 import sys
@@ -478,6 +479,10 @@ def _run_datatrove(spec: dict, log: Callable[[str], None]) -> dict[str, float]:
 
 def _subprocess_main(spec_path: str) -> None:
     """Entry point of the child process (``workers > 1``): datatrove's forkserver pool needs a guarded main."""
+    # datatrove's process pool stops its workers with SIGTERM when a stage ends; under a parent that ignores
+    # SIGTERM (nohup-style launchers and supervisors; ignored signals survive exec) the pool waits forever for
+    # them (seen: MinHash stage 1 done, the pool's terminate() hung). Workers forked from here get the default.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     spec = json.loads(Path(spec_path).read_text())
     seconds = _run_datatrove(spec, lambda msg: print(msg, flush=True))
     (Path(spec["run_dir"]) / "seconds.json").write_text(json.dumps(seconds))

@@ -50,6 +50,7 @@ import numpy as np
 if TYPE_CHECKING:  # polars is imported where a table is built: training reads shards without it
     import polars as pl
 
+from mmbert_dagster.artifacts import sha256_file
 from mmbert_dagster.seeding import stable_seed
 
 SHARDS_JSON = "shards.json"
@@ -383,6 +384,7 @@ def build_shards(
         "special_token_ids": specials,
         "document_template": "[CLS] text [SEP]" if {"cls", "sep"} <= specials.keys() else "tokenizer post-processor",
         "tokenizer_dir": str(Path(tokenizer_dir)),
+        "tokenizer_sha256": sha256_file(tok_file),  # training refuses a tokenizer other than this one
         "max_tokens_per_file": max_tokens_per_file,
         "order": "seeded shuffle of sampled copies; files in rank order, documents in file order",
     }
@@ -476,6 +478,30 @@ class ShardReader:
     @property
     def special_token_ids(self) -> dict[str, int]:
         return dict(self.meta.get("special_token_ids", {}))
+
+    def check_tokenizer(self, tokenizer_dir: Path) -> None:
+        """Raise ``ShardError`` unless ``tokenizer_dir`` holds the tokenizer these shards were built with (same
+        tokenizer.json bytes, vocabulary size and special ids): other token ids would train silently on noise."""
+        file = Path(tokenizer_dir) / "tokenizer.json"
+        if not file.is_file():
+            raise ShardError(f"{file}: missing; {tokenizer_dir} is not a tokenizer folder")
+        from tokenizers import Tokenizer
+
+        from mmbert_dagster.data.tokenizer import special_token_ids
+
+        vocab = Tokenizer.from_file(str(file)).get_vocab_size()
+        want_sha, have_sha = self.meta.get("tokenizer_sha256"), sha256_file(file)
+        specials, want_specials = special_token_ids(Path(tokenizer_dir)), self.special_token_ids
+        problems = []
+        if vocab != self.meta.get("vocab_size", vocab):
+            problems.append(f"vocabulary {vocab} vs {self.meta['vocab_size']}")
+        if want_sha and want_sha != have_sha:
+            problems.append(f"tokenizer.json SHA-256 {have_sha[:12]} vs {want_sha[:12]}")
+        if any(want_specials.get(k) != v for k, v in specials.items() if k in want_specials):
+            problems.append(f"special ids {specials} vs {want_specials}")
+        if problems:
+            raise ShardError(f"{self.folder}: shards were built with another tokenizer than {file} "
+                             f"({'; '.join(problems)}); re-materialize the shards with this tokenizer")
 
     def __len__(self) -> int:
         return self._n

@@ -117,64 +117,78 @@ def iter_local_files(
             raise SourceError(f"{where}: {reason} (set on_bad_record='skip' to skip and count such records)")
         skips.skip(reason, where, log)
 
-    for path in _expand(patterns):
-        name = path.name.lower()
-        source = f"local:{path.stem.split('.')[0]}"
-        if name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
-            import gzip
+    paths = _expand(patterns)
+    total = 0
+    for path in paths:
+        before = total
+        for doc in _iter_file(path, text_field, lang_field, default_lang, id_field, bad):
+            total += 1
+            yield doc
+        if total == before:
+            log(f"warning: {path}: no documents (empty file?)")
+    if not total:
+        raise SourceError(f"{', '.join(map(str, paths))}: no documents in the input file(s) (empty?)")
 
-            opener = gzip.open if name.endswith(".gz") else open
-            with opener(path, "rb") as f:
-                for lineno, raw in enumerate(f, start=1):
-                    where = f"{path}:{lineno}"
-                    try:
-                        line = raw.decode("utf-8")
-                    except UnicodeDecodeError as e:
-                        bad(where, f"invalid UTF-8 at byte {e.start}")
-                        continue
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        bad(where, f"malformed JSON ({e.msg} at column {e.colno})")
-                        continue
-                    if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
-                        bad(where, f"record has no string field {text_field!r}")
-                        continue
-                    doc_id = str(obj[id_field]) if id_field and id_field in obj else f"{path.name}:{lineno}"
-                    lang = obj.get(lang_field) if lang_field else default_lang
-                    yield _record(doc_id, source, lang or default_lang, obj[text_field], where)
-        elif name.endswith(".parquet"):
-            try:
-                pf = pq.ParquetFile(path)
-            except Exception as e:  # pyarrow raises several types for a non-parquet file
-                raise SourceError(f"{path}: not a readable parquet file ({e})") from e
-            if text_field not in pf.schema_arrow.names:
-                raise SourceError(f"{path}: no column {text_field!r}; columns are {pf.schema_arrow.names}")
-            if lang_field and lang_field not in pf.schema_arrow.names:
-                raise SourceError(f"{path}: no column {lang_field!r} (lang_field); columns are {pf.schema_arrow.names}")
-            row = 0
-            for batch in pf.iter_batches(batch_size=2048):
-                for rec in batch.to_pylist():
-                    row += 1
-                    where = f"{path}:row {row}"
-                    if not isinstance(rec.get(text_field), str):
-                        bad(where, f"{text_field!r} is not a string")
-                        continue
-                    doc_id = str(rec[id_field]) if id_field and rec.get(id_field) is not None else f"{path.name}:{row}"
-                    lang = rec.get(lang_field) if lang_field else default_lang
-                    yield _record(doc_id, source, lang or default_lang, rec[text_field], where)
-        elif name.endswith((".txt", ".text", ".md")):
-            data = path.read_bytes()
-            try:
-                text = data.decode("utf-8")
-            except UnicodeDecodeError as e:
-                bad(str(path), f"invalid UTF-8 at byte {e.start}")
-                continue
-            yield _record(path.name, source, default_lang, text, str(path))
-        else:
-            raise SourceError(f"{path}: unsupported file type; use .jsonl, .jsonl.gz, .parquet or .txt")
+
+def _iter_file(path: Path, text_field: str, lang_field: str | None, default_lang: str, id_field: str | None,
+               bad: Callable[[str, str], None]) -> Iterator[dict]:
+    name = path.name.lower()
+    source = f"local:{path.stem.split('.')[0]}"
+    if name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
+        import gzip
+
+        opener = gzip.open if name.endswith(".gz") else open
+        with opener(path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                where = f"{path}:{lineno}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    bad(where, f"invalid UTF-8 at byte {e.start}")
+                    continue
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    bad(where, f"malformed JSON ({e.msg} at column {e.colno})")
+                    continue
+                if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
+                    bad(where, f"record has no string field {text_field!r}")
+                    continue
+                doc_id = str(obj[id_field]) if id_field and id_field in obj else f"{path.name}:{lineno}"
+                lang = obj.get(lang_field) if lang_field else default_lang
+                yield _record(doc_id, source, lang or default_lang, obj[text_field], where)
+    elif name.endswith(".parquet"):
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as e:  # pyarrow raises several types for a non-parquet file
+            raise SourceError(f"{path}: not a readable parquet file ({e})") from e
+        if text_field not in pf.schema_arrow.names:
+            raise SourceError(f"{path}: no column {text_field!r}; columns are {pf.schema_arrow.names}")
+        if lang_field and lang_field not in pf.schema_arrow.names:
+            raise SourceError(f"{path}: no column {lang_field!r} (lang_field); columns are {pf.schema_arrow.names}")
+        row = 0
+        for batch in pf.iter_batches(batch_size=2048):
+            for rec in batch.to_pylist():
+                row += 1
+                where = f"{path}:row {row}"
+                if not isinstance(rec.get(text_field), str):
+                    bad(where, f"{text_field!r} is not a string")
+                    continue
+                doc_id = str(rec[id_field]) if id_field and rec.get(id_field) is not None else f"{path.name}:{row}"
+                lang = rec.get(lang_field) if lang_field else default_lang
+                yield _record(doc_id, source, lang or default_lang, rec[text_field], where)
+    elif name.endswith((".txt", ".text", ".md")):
+        data = path.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            bad(str(path), f"invalid UTF-8 at byte {e.start}")
+            return
+        yield _record(path.name, source, default_lang, text, str(path))
+    else:
+        raise SourceError(f"{path}: unsupported file type; use .jsonl, .jsonl.gz, .parquet or .txt")
 
 
 def iter_huggingface(

@@ -8,8 +8,9 @@ gradient of the whole step's mean loss, whatever the number of micro-batches on 
 ``DistributedDataParallel`` does, written out: one flat all-reduce per optimizer step, no hooks, and no
 requirement that every rank runs the same number of backward passes.)
 
-From outside: :func:`launch` runs ``torchrun --standalone --nproc-per-node N -m mmbert_dagster.train.cli …``
-in a subprocess; :func:`run_stage_distributed` wraps it for one stage and returns rank 0's metrics.
+From outside: :func:`launch` runs ``torchrun … -m mmbert_dagster.train.cli …`` in a subprocess as a
+:class:`Launcher` describes it (one node: ``--standalone``; several: c10d rendezvous, each node started by a
+prefix such as ``srun``); :func:`run_stage_distributed` wraps it for one stage and returns rank 0's metrics.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,21 +102,53 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def torchrun_command(nproc: int, module_args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "mmbert_dagster.train.cli", *module_args]
+@dataclass(frozen=True)
+class Launcher:
+    """How training processes are started: torchrun with ``nproc_per_node`` processes on each of ``nnodes`` nodes.
 
-
-def launch(nproc: int, module_args: list[str], *, env: dict | None = None, log=print,
-           timeout: float | None = None) -> subprocess.CompletedProcess:
-    """Run ``torchrun --standalone --nproc-per-node N -m mmbert_dagster.train.cli <module_args>``; raise on failure.
-
-    Output lines are passed to ``log`` as they arrive.
+    One node: ``torchrun --standalone``. Several: every node runs the same torchrun command (started by
+    ``prefix``, e.g. ``("srun", "--nodes=4", "--ntasks-per-node=1")`` under Slurm) and they meet at
+    ``rdzv_endpoint`` (``host:port`` reachable from all nodes; c10d rendezvous assigns node ranks). The job file
+    and the artifact root must then be on a filesystem every node sees.
     """
+
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    rdzv_endpoint: str = ""
+    prefix: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.nproc_per_node < 1 or self.nnodes < 1:
+            raise ValueError(f"nproc_per_node and nnodes must be >= 1, got {self.nproc_per_node}, {self.nnodes}")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(f"nnodes = {self.nnodes} needs rdzv_endpoint (host:port of the rendezvous)")
+
+    @property
+    def distributed(self) -> bool:
+        return self.nproc_per_node * self.nnodes > 1
+
+    def command(self, module_args: list[str], run_id: str = "mmbert") -> list[str]:
+        if self.nnodes == 1:
+            where = ["--standalone"]
+        else:
+            where = [f"--nnodes={self.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={self.rdzv_endpoint}",
+                     f"--rdzv-id={run_id}"]
+        return [*self.prefix, sys.executable, "-m", "torch.distributed.run", *where,
+                f"--nproc-per-node={self.nproc_per_node}", "-m", "mmbert_dagster.train.cli", *module_args]
+
+
+def launch(launcher: Launcher | int, module_args: list[str], *, env: dict | None = None, log=print,
+           timeout: float | None = None, run_id: str = "mmbert") -> subprocess.CompletedProcess:
+    """Run ``launcher.command(module_args)`` (torchrun ... -m mmbert_dagster.train.cli); raise on failure.
+
+    Output lines are passed to ``log`` as they arrive. An int means that many processes on this node.
+    """
+    launcher = Launcher(nproc_per_node=launcher) if isinstance(launcher, int) else launcher
+    nproc = launcher.nproc_per_node
     run_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))),
                **(env or {})}
-    cmd = torchrun_command(nproc, module_args)
+    cmd = launcher.command(module_args, run_id)
     proc = subprocess.Popen(cmd, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     try:
@@ -134,15 +166,24 @@ def launch(nproc: int, module_args: list[str], *, env: dict | None = None, log=p
     return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
 
 
-def run_stage_distributed(stage: Stage, shape: ModelShape, nproc: int, *, log=print, **kwargs) -> dict:
-    """``run_stage`` in ``nproc`` torchrun processes; returns rank 0's metrics. ``kwargs``: run_stage's
-    keyword arguments (paths, init_from, heldout_texts, seed, device, micro_batch_tokens, checkpoint_every,
-    max_steps)."""
-    with tempfile.TemporaryDirectory(prefix="mmbert-job-") as tmp:
-        job = {"stage": dataclasses.asdict(stage), "shape": dataclasses.asdict(shape),
-               "kwargs": {k: (str(v) if isinstance(v, Path) else v) for k, v in kwargs.items()},
-               "metrics_out": str(Path(tmp) / "metrics.json")}
-        job_path = Path(tmp) / "job.json"
-        job_path.write_text(json.dumps(job))
-        launch(nproc, ["--job", str(job_path)], log=log)
-        return json.loads(Path(job["metrics_out"]).read_text())
+def run_stage_distributed(stage: Stage, shape: ModelShape, launcher: Launcher | int, *, log=print, **kwargs) -> dict:
+    """``run_stage`` in torchrun processes (an int: that many on this node); returns rank 0's metrics.
+    ``kwargs``: run_stage's keyword arguments (paths, init_from, heldout_texts, seed, device, micro_batch_tokens,
+    checkpoint_every, max_steps). The job file goes into ``state_dir`` (on the artifact root, which every node
+    of a multi-node run must see)."""
+    launcher = Launcher(nproc_per_node=launcher) if isinstance(launcher, int) else launcher
+    state_dir = Path(kwargs["state_dir"])
+    state_dir.mkdir(parents=True, exist_ok=True)
+    job_path = write_job(state_dir / "job.json", stage, shape, state_dir / "metrics.json", **kwargs)
+    (state_dir / "metrics.json").unlink(missing_ok=True)
+    launch(launcher, ["--job", str(job_path)], log=log, run_id=f"{stage.name}-{os.getpid()}")
+    return json.loads((state_dir / "metrics.json").read_text())
+
+
+def write_job(path: Path, stage: Stage, shape: ModelShape, metrics_out: Path, **kwargs) -> Path:
+    """The job file ``python -m mmbert_dagster.train.cli --job`` reads (see that module)."""
+    job = {"stage": dataclasses.asdict(stage), "shape": dataclasses.asdict(shape),
+           "kwargs": {k: (str(v) if isinstance(v, Path) else v) for k, v in kwargs.items()},
+           "metrics_out": str(metrics_out)}
+    Path(path).write_text(json.dumps(job))
+    return Path(path)

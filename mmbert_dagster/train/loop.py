@@ -158,11 +158,8 @@ def run_stage(
 
     # ---- data and tokenizer
     reader = ShardReader(Path(shards_dir))
+    reader.check_tokenizer(tokenizer_dir)
     vocab_size, specials = tokenizer_info(tokenizer_dir)
-    shard_specials = reader.special_token_ids
-    if shard_specials and any(shard_specials.get(k) != v for k, v in specials.items() if k in shard_specials):
-        raise ValueError(f"{shards_dir}: shards were built with special ids {shard_specials}, "
-                         f"the tokenizer in {tokenizer_dir} has {specials}")
     never_mask = sorted(set(specials.values()))
 
     # ---- model: the previous stage's weights or a seeded random init, at this stage's context

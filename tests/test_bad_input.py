@@ -1,0 +1,166 @@
+"""Bad input through the CLI users run (`dagster asset materialize` from the repository root): every class gives one
+clear message naming the file or recipe field, a non-zero exit, and leaves the existing artifacts untouched."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mmbert_dagster.artifacts import MANIFEST, atomic_dir
+
+from graph_helpers import RECIPE, REPO, cli_env, copy_home
+
+DAGSTER = str(Path(sys.executable).parent / "dagster")
+# what each case's home holds before the bad run (copies of the session graph's artifacts)
+CORPUS_KEYS = ["raw_corpus"]
+
+
+def snapshot(home: Path) -> dict[str, bytes]:
+    """Every artifact's manifest (checksums of all its files) and the set of visible artifact folders."""
+    return {str(p.relative_to(home)): p.read_bytes() for p in sorted(home.glob("e2e/*/" + MANIFEST))}
+
+
+def materialize(home: Path, select: str, *, recipe: Path = RECIPE, config: dict | None = None):
+    cmd = [DAGSTER, "asset", "materialize", "--select", select]
+    if config:
+        cmd += ["--config-json", json.dumps(config)]
+    proc = subprocess.run(cmd, cwd=REPO, env=cli_env(home, MMBERT_PRESET=str(recipe)), capture_output=True,
+                          text=True, timeout=300)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def local_corpus(*paths: Path) -> dict:
+    return {"resources": {"corpus": {"config": {"kind": "local", "paths": [str(p) for p in paths]}}}}
+
+
+def recipe_with(tmp_path: Path, old: str, new: str) -> Path:
+    text = RECIPE.read_text()
+    assert old in text
+    path = tmp_path / "bad.toml"
+    path.write_text(text.replace(old, new, 1))
+    return path
+
+
+def expect_refused(home: Path, before: dict, code: int, out: str, *needles: str) -> None:
+    assert code != 0, out[-3000:]
+    for needle in needles:
+        assert needle in out, f"{needle!r} not in the output:\n{out[-4000:]}"
+    assert snapshot(home) == before, "an existing artifact changed"
+    assert not [p for p in home.glob("e2e/.*") if ".tmp-" in p.name], "a temporary folder was left behind"
+
+
+# ---------------------------------------------------------------- corpus files (raw_corpus)
+
+def _malformed(tmp: Path) -> tuple[Path, list[str]]:
+    p = tmp / "malformed.jsonl"
+    p.write_text('{"text": "one good line of text"}\n{"text": "broken\n')
+    return p, [f"{p}:2", "malformed JSON"]
+
+
+def _invalid_utf8(tmp: Path) -> tuple[Path, list[str]]:
+    p = tmp / "latin1.jsonl"
+    p.write_bytes('{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    return p, [f"{p}:1", "invalid UTF-8"]
+
+
+def _empty(tmp: Path) -> tuple[Path, list[str]]:
+    p = tmp / "empty.jsonl"
+    p.write_text("")
+    return p, [str(p), "no documents"]
+
+
+def _missing(tmp: Path) -> tuple[Path, list[str]]:
+    p = tmp / "no_such_dir" / "corpus.jsonl"
+    return p, [str(p), "does not exist"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("make", [_malformed, _invalid_utf8, _empty, _missing], ids=lambda f: f.__name__[1:])
+def test_bad_corpus_files_are_refused_by_file_and_line(graph, tmp_path, make):
+    home = copy_home(graph, tmp_path / "home", CORPUS_KEYS)
+    before = snapshot(home)
+    path, needles = make(tmp_path)
+    code, out = materialize(home, "raw_corpus", config=local_corpus(path))
+    expect_refused(home, before, code, out, *needles)
+
+
+# ---------------------------------------------------------------- recipe fields (refused when the code loads)
+
+@pytest.mark.slow
+@pytest.mark.parametrize("old, new, needles", [
+    ('english = "eng_Latn"', 'english = "english"', ["english", "unknown language code 'english'"]),
+    ("tau = 0.7", "tau = 1.7", ["stages.pretrain.tau: must be in (0, 1], got 1.7"]),
+    ("mask_rate = 0.30", "mask_rate = 1.2", ["stages.pretrain.mask_rate: must be in (0, 1), got 1.2"]),
+    ("max_repeat = 5.0", "max_repat = 5.0", ["stages.pretrain: unknown field(s) ['max_repat']"]),
+], ids=["language_code", "tau", "mask_rate", "unknown_field"])
+def test_bad_recipe_values_are_refused_by_field(graph, tmp_path, old, new, needles):
+    home = copy_home(graph, tmp_path / "home", CORPUS_KEYS)
+    before = snapshot(home)
+    recipe = recipe_with(tmp_path, old, new)
+    code, out = materialize(home, "raw_corpus", recipe=recipe)
+    expect_refused(home, before, code, out, str(recipe), *needles)
+
+
+# ---------------------------------------------------------------- artifacts that do not fit together
+
+@pytest.mark.slow
+def test_a_budget_that_cannot_be_met_names_the_stage_field(graph, tmp_path):
+    home = copy_home(graph, tmp_path / "home", ["language_stats", "tokenizer"])
+    before = snapshot(home)
+    recipe = recipe_with(tmp_path, "tokens = 100_000", "tokens = 100_000_000_000")
+    code, out = materialize(home, "mixture_pretrain", recipe=recipe)
+    expect_refused(home, before, code, out, "tokens: the budget of 100,000,000,000 tokens cannot be met")
+
+
+@pytest.mark.slow
+def test_a_tokenizer_that_does_not_match_the_shards_is_refused(graph, tmp_path):
+    from mmbert_dagster.data.tokenizer import train_tokenizer
+    from mmbert_dagster.recipe import TokenizerConfig
+
+    home = copy_home(graph, tmp_path / "home", ["raw_corpus", "mixture_pretrain", "shards_pretrain"])
+    with atomic_dir(home / "e2e" / "tokenizer") as out:  # a whole, checksummed artifact — just another tokenizer
+        texts = [("eng_Latn", "a different tokenizer trained on other text " * 50)] * 10
+        train_tokenizer(texts, out, TokenizerConfig(vocab_size=300, sample_bytes_per_lang=10_000, min_frequency=1),
+                        log=lambda _: None)
+    before = snapshot(home)
+    code, out = materialize(home, "pretrain_checkpoint")
+    expect_refused(home, before, code, out, "shards were built with another tokenizer than",
+                   str(home / "e2e" / "tokenizer" / "tokenizer.json"))
+    assert not (home / "e2e" / "pretrain_checkpoint").exists()
+
+
+@pytest.mark.slow
+def test_a_merge_of_checkpoints_with_different_shapes_is_refused(graph, tmp_path):
+    from mmbert_dagster.recipe import ModelShape
+    from mmbert_dagster.train.model import build_model
+
+    keys = ["midtrain_checkpoint", "decay_eng", "decay_cont", "decay_all", "tokenizer"]
+    home = copy_home(graph, tmp_path / "home", keys)
+    folder = home / "e2e" / "decay_cont"
+    cfg = json.loads((folder / "config.json").read_text())
+    narrow = ModelShape(layers=cfg["num_hidden_layers"], hidden=128, intermediate=192, heads=2, global_every=3,
+                        local_window=128)
+    specials = {"pad": cfg["pad_token_id"], "unk": 1, "cls": cfg["cls_token_id"], "sep": cfg["sep_token_id"],
+                "mask": cfg["mask_token_id"]}
+    with atomic_dir(folder) as out:  # a whole checkpoint folder of another width in decay_cont's place
+        for f in (home / "e2e" / "decay_eng").iterdir():
+            if f.is_file() and f.name not in (MANIFEST, "model.safetensors", "config.json"):
+                (out / f.name).write_bytes(f.read_bytes())
+        build_model(narrow, cfg["vocab_size"], specials, 1024, 160_000.0).save_pretrained(out)
+    before = snapshot(home)
+    code, out = materialize(home, "merged_model")
+    expect_refused(home, before, code, out, f"{folder}/config.json: hidden_size = 128")
+    assert not (home / "e2e" / "merged_model").exists()
+
+
+@pytest.mark.slow
+def test_a_missing_upstream_artifact_names_the_asset_to_materialize(graph, tmp_path):
+    home = copy_home(graph, tmp_path / "home", ["raw_corpus"])
+    before = snapshot(home)
+    code, out = materialize(home, "language_id_model")
+    expect_refused(home, before, code, out, "filtered_corpus: missing artifact",
+                   "dagster asset materialize --select filtered_corpus")
