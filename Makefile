@@ -11,7 +11,7 @@ export DAGSTER_HOME ?= $(MMBERT_HOME)/dagster
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test env ui clean
+.PHONY: demo test env ui clean browser
 
 env: $(STAMP)
 
@@ -34,8 +34,18 @@ demo: env $(DAGSTER_HOME)/dagster.yaml
 	echo "materialized the whole graph in $$(( $$(date +%s) - start )) s; artifacts under $(MMBERT_HOME)/$${MMBERT_PRESET:-tiny}/" && \
 	echo "report: $(MMBERT_HOME)/$${MMBERT_PRESET:-tiny}/benchmark_scores/report.md"
 
-test: env
+test: env browser
 	$(BIN)/python -m pytest -q
+
+# Headless Chromium for tests/test_ui.py: Debian's package, installed when missing and we may (root + apt-get).
+# Without it the UI test is skipped, except under CI=true where it fails.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium (apt-get) for the UI test"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }; \
+	  else echo "chromium is not installed and cannot be installed here: tests/test_ui.py will be skipped"; fi; }
 
 ui: env $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/dagster dev -h 127.0.0.1 -p 3000

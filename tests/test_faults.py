@@ -153,6 +153,7 @@ def test_two_training_materializations_launched_at_once_are_serialized_by_the_gp
                                                                 for s in ("decay_eng", "decay_cont"))]
     home = copy_home(graph, tmp_path / "home", keys)
     env = cli_env(home)
+    DagsterInstance.from_config(str(home / "dagster")).dispose()  # create the run storage before two CLIs race to
     procs = {key: subprocess.Popen([DAGSTER, "asset", "materialize", "--select", key], cwd=REPO, env=env,
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for key in ("decay_eng", "decay_cont")}

@@ -276,6 +276,7 @@ def write_raw_corpus(
     flush()
     if n_docs == 0:
         raise SourceError("the source yielded no documents (empty input files?)")
+    log(f"raw_corpus: {n_docs} documents, {n_bytes / 1e6:.1f} MB written in {n_parts} part(s)")
     return {"docs": n_docs, "bytes": n_bytes, "parts": n_parts, "declared_languages": len(langs)}
 
 
