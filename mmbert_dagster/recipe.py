@@ -312,6 +312,9 @@ def recipe_from_dict(data: dict, source: str = "<dict>") -> Recipe:
 
     top = {k: data.pop(k) for k in list(data)}
     recipe = _build(Recipe, top, f"{source}: top level", source_file=source, stages=stages, **built)
+    # the name is a folder under the artifact root: a plain name, so no recipe can write outside the root
+    _check(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", recipe.name) is not None, f"{source}: name",
+           f"must be a plain folder name (letters, digits, '_', '-', '.'), got {recipe.name!r}")
     _check(LANG_CODE.match(recipe.english) is not None, f"{source}: english", f"unknown language code {recipe.english!r}")
     _check(0 < recipe.tier_high <= recipe.tier_mid, f"{source}: tier_high", "must satisfy 0 < tier_high <= tier_mid")
     _check(recipe.tokenizer.vocab_size >= 256, f"{source}: [tokenizer].vocab_size", "must be >= 256")

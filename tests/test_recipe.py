@@ -76,6 +76,14 @@ def test_missing_and_unknown_fields_are_named():
         recipe_from_dict(d, "my.toml")
 
 
+@pytest.mark.parametrize("name", ["../../etc", "/abs", ".hidden", "a/b", ""])
+def test_a_recipe_name_cannot_point_outside_the_artifact_root(name):
+    d = tiny_dict()
+    d["name"] = name
+    with pytest.raises(RecipeError, match="name: must be a plain folder name"):
+        recipe_from_dict(d, "my.toml")
+
+
 def test_unknown_preset_and_missing_file_fail_clearly(tmp_path):
     with pytest.raises(RecipeError, match="unknown preset 'huge'"):
         load_recipe("huge")
