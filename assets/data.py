@@ -113,8 +113,8 @@ def language_id_model(
 ) -> MaterializeResult:
     """A fastText language classifier trained on the declared languages of the filtered corpus (or a user model
     such as GlotLID), with per-language confidence thresholds calibrated on held-out text."""
-    docs = sources.read_docs(store.require("filtered_corpus"), ["doc_id", "declared_lang", "text"]).collect()
-    train, held = langid.split_labelled(docs, RECIPE.lid)
+    docs = sources.read_docs(store.require("filtered_corpus"), ["doc_id", "declared_lang", "text"])
+    train, held = langid.split_labelled(docs, RECIPE.lid)  # streams the documents
     user_model = external_models.lid_model_path or RECIPE.lid.model_path
     with store.write("language_id_model") as out:
         if user_model:
@@ -122,7 +122,7 @@ def language_id_model(
             langid.install_user_model(user_model, out / "model.bin")
             seconds = 0.0
         else:
-            context.log.info(f"training fastText on {len(train)} chunks in {docs['declared_lang'].n_unique()} languages")
+            context.log.info(f"training fastText on {len(train)} chunks in {len({lang for lang, _ in train})} languages")
             seconds = langid.train_model(train, out / "model.bin", RECIPE.lid, RECIPE.seed, held=held,
                                           log=context.log.warning)
         model = langid.load_model(out / "model.bin")
@@ -154,7 +154,7 @@ def language_id_table(context: AssetExecutionContext, store: ArtifactStore) -> M
     model = langid.load_model(model_dir / "model.bin")
     thresholds = pl.read_parquet(model_dir / "thresholds.parquet")
     docs = sources.read_docs(store.require("filtered_corpus"), ["doc_id", "source", "declared_lang", "text"])
-    batches = docs.collect().iter_slices(5000)
+    batches = docs.collect_batches(chunk_size=5000)  # streamed: memory does not grow with the corpus
     table = langid.label_documents(model, thresholds, batches, log=context.log.info)
     summary, per_lang = langid.agreement(table, set(langid.model_labels(model)))
     if summary["declared_languages_unknown_to_model"]:

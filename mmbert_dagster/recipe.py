@@ -53,6 +53,8 @@ class LanguageIdConfig:
     min_heldout_accuracy: float = 0.3  # below this a trained model is taken as diverged and retrained at lr / 2
     max_train_chars_per_lang: int = 40_000  # caps the big languages so training stays fast and balanced
     holdout_fraction: float = 0.1  # documents held out to measure accuracy and calibrate thresholds
+    max_heldout_chars_per_lang: int = 30_000  # ~100 held-out chunks per language: enough for thresholds, and
+    # language ID's memory does not grow with the corpus
     threshold_quantile: float = 0.05  # per-language threshold = this quantile of correct held-out scores
     min_threshold: float = 0.3
     max_threshold: float = 0.9

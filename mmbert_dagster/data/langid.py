@@ -78,24 +78,31 @@ def _hash_unit(key: str) -> float:
     return int(hashlib.md5(key.encode()).hexdigest()[:8], 16) / 2**32
 
 
-def split_labelled(docs: pl.DataFrame, cfg: LanguageIdConfig) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+def split_labelled(docs: pl.DataFrame | pl.LazyFrame, cfg: LanguageIdConfig
+                   ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """(lang, chunk) pairs for training and held-out evaluation from documents (doc_id, declared_lang, text).
 
     The split is by a hash of (doc_id, chunk index), so it is stable and every language is on both sides.
-    Training text per language is capped at ``max_train_chars_per_lang`` by keeping each chunk with probability
-    cap / language bytes (again by hash), so the sample spreads over all of a language's sources and documents.
+    Text per language is capped on both sides — ``max_train_chars_per_lang`` for training,
+    ``max_heldout_chars_per_lang`` held out — by keeping each chunk with probability cap / language chars (again
+    by hash), so the sample spreads over all of a language's sources and documents and its size does not grow
+    with the corpus. A LazyFrame is read in batches (memory stays flat however large the corpus).
     """
-    docs = docs.filter(pl.col("declared_lang") != "und")
-    lang_chars = dict(docs.group_by("declared_lang").agg(pl.col("text").str.len_chars().sum()).iter_rows())
+    lf = docs.lazy().filter(pl.col("declared_lang") != "und")
+    lang_chars = dict(lf.group_by("declared_lang").agg(pl.col("text").str.len_chars().sum()).collect().iter_rows())
     keep = {lang: min(1.0, cfg.max_train_chars_per_lang / max(n, 1)) for lang, n in lang_chars.items()}
+    keep_held = {lang: min(1.0, cfg.max_heldout_chars_per_lang / max(n * cfg.holdout_fraction, 1))
+                 for lang, n in lang_chars.items()}
     train, held = [], []
-    for doc_id, lang, text in docs.select("doc_id", "declared_lang", "text").iter_rows():
-        for i, piece in enumerate(chunks(text)):
-            key = f"{doc_id}#{i}"
-            if _hash_unit(key) < cfg.holdout_fraction:
-                held.append((lang, piece))
-            elif _hash_unit("train:" + key) < keep[lang]:
-                train.append((lang, piece))
+    for batch in lf.select("doc_id", "declared_lang", "text").collect_batches(chunk_size=5000):
+        for doc_id, lang, text in batch.iter_rows():
+            for i, piece in enumerate(chunks(text)):
+                key = f"{doc_id}#{i}"
+                if _hash_unit(key) < cfg.holdout_fraction:
+                    if _hash_unit("held:" + key) < keep_held[lang]:
+                        held.append((lang, piece))
+                elif _hash_unit("train:" + key) < keep[lang]:
+                    train.append((lang, piece))
     return train, held
 
 
