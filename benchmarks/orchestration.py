@@ -98,7 +98,8 @@ def child(variant: str, scope: str) -> None:
     print("RESULT " + json.dumps(r), flush=True)
 
 
-def run_variant(variant: str, scope: str, home: Path) -> dict:
+def run_variant(variant: str, scope: str, home: Path, select: str | None = None) -> dict:
+    """One variant in a fresh process on artifact root ``home``; ``select`` overrides a CLI variant's selection."""
     env = {**os.environ, "MMBERT_HOME": str(home), "DAGSTER_HOME": str(home / "dagster"), "HF_HUB_OFFLINE": "1"}
     env.pop("MMBERT_PRESET", None)
     env.pop("MMBERT_EXECUTOR", None)
@@ -108,7 +109,7 @@ def run_variant(variant: str, scope: str, home: Path) -> dict:
     shutil.copy(REPO / "scripts" / "dagster.yaml", home / "dagster" / "dagster.yaml")
     start = time.perf_counter()
     if variant.startswith("cli"):
-        select = "*" if scope == "all" else " or ".join(f"group:{g}" for g in sorted(DATA_GROUPS))
+        select = select or ("*" if scope == "all" else " or ".join(f"group:{g}" for g in sorted(DATA_GROUPS)))
         cmd = [str(Path(sys.executable).parent / "dagster"), "asset", "materialize", "-m",
                "mmbert_dagster.definitions", "--select", select]
     else:
@@ -148,17 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             r = run_variant(variant, args.scope, home) | {"cpu_busy_before": round(busy, 3)}
             print(json.dumps(r), flush=True)
             results.append(r)
-            if variant == "cli" and args.scope == "all":
-                start = time.perf_counter()
-                env = {**os.environ, "MMBERT_HOME": str(home), "DAGSTER_HOME": str(home / "dagster")}
-                env.pop("MMBERT_PRESET", None)
-                proc = subprocess.run([str(Path(sys.executable).parent / "dagster"), "asset", "materialize", "-m",
-                                       "mmbert_dagster.definitions", "--select", "decay_all+"],
-                                      cwd=REPO, env=env, capture_output=True, text=True)
-                if proc.returncode:
-                    sys.stderr.write(proc.stderr[-5000:])
-                    raise SystemExit("decay_all+ failed")
-                r = {"variant": "cli decay_all+", "process_wall_s": round(time.perf_counter() - start, 1)}
+            if variant == "cli" and args.scope == "all":  # then only decay_all and what is downstream of it
+                r = run_variant("cli", args.scope, home, select="decay_all+") | {"variant": "cli decay_all+"}
                 print(json.dumps(r), flush=True)
                 results.append(r)
     by = {r["variant"]: r["process_wall_s"] for r in results}

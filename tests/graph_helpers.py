@@ -4,6 +4,7 @@ corpus, materialized once per session (fixture ``graph`` in conftest.py)."""
 import importlib
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import polars as pl
@@ -11,6 +12,7 @@ import polars as pl
 from mmbert_dagster.data import sources
 
 REPO = Path(__file__).resolve().parent.parent
+DAGSTER = str(Path(sys.executable).parent / "dagster")  # the venv's dagster CLI
 RECIPE = Path(__file__).parent / "data" / "e2e.toml"
 DATA_KEYS = {
     "raw_corpus", "filtered_corpus", "language_id_model", "language_id_table", "language_stats",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import socket
 
 import numpy as np
 
@@ -23,3 +24,10 @@ def reference_copy(model, attn: str = "sdpa"):
     ref = type(model)._from_config(copy.deepcopy(model.config), attn_implementation=attn).eval()
     ref.load_state_dict(model.state_dict())
     return ref
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

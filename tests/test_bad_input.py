@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from mmbert_dagster.artifacts import MANIFEST, atomic_dir
 
-from graph_helpers import RECIPE, REPO, cli_env, copy_home
+from graph_helpers import DAGSTER, RECIPE, REPO, cli_env, copy_home
 
-DAGSTER = str(Path(sys.executable).parent / "dagster")
 # what each case's home holds before the bad run (copies of the session graph's artifacts)
 CORPUS_KEYS = ["raw_corpus"]
 

@@ -4,14 +4,12 @@ change, and the bare `dagster asset materialize` CLI from the repository root.""
 
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import polars as pl
 import pytest
 from dagster import AssetCheckSeverity, AssetKey, materialize
 
-from graph_helpers import DATA_KEYS, RECIPE, REPO, TRAINING_KEYS, load_definitions, run_config  # noqa: E402
+from graph_helpers import DAGSTER, DATA_KEYS, RECIPE, REPO, TRAINING_KEYS, cli_env, load_definitions, run_config  # noqa: E402
 
 
 def materialization_count(instance, key: str) -> int:
@@ -53,14 +51,10 @@ def test_whole_graph_materializes_with_passing_checks(graph):
 
 @pytest.mark.slow
 def test_bare_cli_materializes_a_selection_from_the_repo_root(graph):
-    env = {**os.environ, "MMBERT_HOME": str(graph["home"]), "MMBERT_PRESET": str(RECIPE),
-           "DAGSTER_HOME": str(graph["home"] / "dagster")}
-    env.pop("DAGSTER_CLI_ASSET_MATERIALIZE_MODULE_NAME", None)  # the venv's start-up hook must provide it
-    (graph["home"] / "dagster").mkdir(exist_ok=True)
+    env = cli_env(graph["home"])  # without DAGSTER_CLI_ASSET_MATERIALIZE_MODULE_NAME: the venv's hook provides it
     before = (graph["home"] / "e2e" / "shards_decay_all" / "MANIFEST.json").stat().st_mtime_ns
     raw_before = (graph["home"] / "e2e" / "raw_corpus" / "MANIFEST.json").stat().st_mtime_ns
-    dagster = Path(sys.executable).parent / "dagster"
-    proc = subprocess.run([str(dagster), "asset", "materialize", "--select", "shards_decay_all"],
+    proc = subprocess.run([DAGSTER, "asset", "materialize", "--select", "shards_decay_all"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "RUN_SUCCESS" in proc.stdout + proc.stderr
@@ -74,17 +68,13 @@ def test_bare_cli_materializes_a_selection_from_the_repo_root(graph):
 @pytest.mark.slow
 def test_decay_all_plus_from_the_cli_rebuilds_exactly_the_decay_the_merge_and_the_scores(graph):
     """The README's `dagster asset materialize --select decay_all+`, run as-is from the repository root."""
-    env = {**os.environ, "MMBERT_HOME": str(graph["home"]), "MMBERT_PRESET": str(RECIPE),
-           "DAGSTER_HOME": str(graph["home"] / "dagster")}
-    env.pop("DAGSTER_CLI_ASSET_MATERIALIZE_MODULE_NAME", None)
-    (graph["home"] / "dagster").mkdir(exist_ok=True)
+    env = cli_env(graph["home"])
     root = graph["home"] / "e2e"
     stamp = lambda key: (root / key / "MANIFEST.json").stat().st_mtime_ns  # noqa: E731
     keys = ["decay_all", "merged_model", "benchmark_scores", "decay_eng", "decay_cont", "midtrain_checkpoint",
             "shards_decay_all"]
     before = {k: stamp(k) for k in keys}
-    dagster = Path(sys.executable).parent / "dagster"
-    proc = subprocess.run([str(dagster), "asset", "materialize", "--select", "decay_all+"],
+    proc = subprocess.run([DAGSTER, "asset", "materialize", "--select", "decay_all+"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]

@@ -20,11 +20,10 @@ from safetensors.torch import load_file
 from mmbert_dagster.artifacts import MANIFEST, verify_artifact
 from mmbert_dagster.train.distributed import write_job
 
-from graph_helpers import REPO, cli_env, copy_home
+from graph_helpers import DAGSTER, REPO, cli_env, copy_home
 from model_helpers import SHAPE
 from stage_data import STAGE, make_stage_data
 
-DAGSTER = str(Path(sys.executable).parent / "dagster")
 LONG_STAGE = dataclasses.replace(STAGE, tokens=40 * 1024)  # 40 optimizer steps of 1024 tokens
 
 

@@ -28,7 +28,7 @@ from mmbert_dagster.train.optim import micro_batch_geometry
 from mmbert_dagster.train.packing import IGNORE, DataPosition, Packer, collate, split_document
 from mmbert_dagster.train.schedule import lr_at, total_steps_for, warmup_steps_for
 
-from model_helpers import SHAPE, SPECIALS, VOCAB, random_doc, reference_copy
+from model_helpers import SHAPE, SPECIALS, VOCAB, free_port, random_doc, reference_copy
 from stage_data import QUIET, STAGE, WORDS, make_stage_data
 
 # ------------------------------------------------------------------------------------------ attention
@@ -395,14 +395,6 @@ def test_two_process_torchrun_gloo_step(data):
     assert any("step 2/2" in line for line in lines)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_multi_node_launch_command_uses_c10d_rendezvous():
     from mmbert_dagster.train.distributed import Launcher
 
@@ -424,7 +416,7 @@ def test_two_nodes_meet_at_the_rendezvous_and_train_one_stage(data):
     from mmbert_dagster.train.distributed import Launcher, run_stage_distributed
 
     twice = ("sh", "-c", '"$@" & first=$!; "$@"; second=$?; wait $first && exit $second', "sh")
-    launcher = Launcher(nproc_per_node=1, nnodes=2, rdzv_endpoint=f"127.0.0.1:{_free_port()}", prefix=twice)
+    launcher = Launcher(nproc_per_node=1, nnodes=2, rdzv_endpoint=f"127.0.0.1:{free_port()}", prefix=twice)
     folder = data["root"] / "two_nodes"
     lines = []
     m = run_stage_distributed(dataclasses.replace(STAGE, tokens=2 * 1024), SHAPE, launcher, log=lines.append,

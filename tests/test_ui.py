@@ -11,16 +11,15 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from graph_helpers import REPO
+from graph_helpers import DAGSTER, REPO
+from model_helpers import free_port
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 try:
@@ -41,12 +40,6 @@ ALL_KEYS = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _shots() -> Path:
     folder = Path(os.environ.get("MMBERT_TEST_ARTIFACTS", REPO / "test-artifacts")) / "ui"
     folder.mkdir(parents=True, exist_ok=True)
@@ -61,9 +54,9 @@ def ui(tmp_path_factory):
     shutil.copy(REPO / "scripts" / "dagster.yaml", home / "dagster" / "dagster.yaml")
     env = {**os.environ, "MMBERT_HOME": str(home), "DAGSTER_HOME": str(home / "dagster"), "HF_HUB_OFFLINE": "1"}
     env.pop("MMBERT_PRESET", None)
-    port = _free_port()
+    port = free_port()
     log = open(home / "dagster_dev.log", "w")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "dagster"), "dev", "-h", "127.0.0.1", "-p", str(port),
+    proc = subprocess.Popen([DAGSTER, "dev", "-h", "127.0.0.1", "-p", str(port),
                              "-m", "mmbert_dagster.definitions"], cwd=REPO, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

@@ -479,26 +479,20 @@ class ShardReader:
     def special_token_ids(self) -> dict[str, int]:
         return dict(self.meta.get("special_token_ids", {}))
 
-    def check_tokenizer(self, tokenizer_dir: Path) -> None:
-        """Raise ``ShardError`` unless ``tokenizer_dir`` holds the tokenizer these shards were built with (same
-        tokenizer.json bytes, vocabulary size and special ids): other token ids would train silently on noise."""
+    def check_tokenizer(self, tokenizer_dir: Path, vocab_size: int, special_ids: dict[str, int]) -> None:
+        """Raise ``ShardError`` unless ``tokenizer_dir`` (whose vocabulary size and special ids the caller has
+        read) holds the tokenizer these shards were built with — same tokenizer.json bytes, vocabulary and
+        special ids: other token ids would train silently on noise."""
         file = Path(tokenizer_dir) / "tokenizer.json"
-        if not file.is_file():
-            raise ShardError(f"{file}: missing; {tokenizer_dir} is not a tokenizer folder")
-        from tokenizers import Tokenizer
-
-        from mmbert_dagster.data.tokenizer import special_token_ids
-
-        vocab = Tokenizer.from_file(str(file)).get_vocab_size()
         want_sha, have_sha = self.meta.get("tokenizer_sha256"), sha256_file(file)
-        specials, want_specials = special_token_ids(Path(tokenizer_dir)), self.special_token_ids
+        want_specials = self.special_token_ids
         problems = []
-        if vocab != self.meta.get("vocab_size", vocab):
-            problems.append(f"vocabulary {vocab} vs {self.meta['vocab_size']}")
+        if vocab_size != self.meta.get("vocab_size", vocab_size):
+            problems.append(f"vocabulary {vocab_size} vs {self.meta['vocab_size']}")
         if want_sha and want_sha != have_sha:
             problems.append(f"tokenizer.json SHA-256 {have_sha[:12]} vs {want_sha[:12]}")
-        if any(want_specials.get(k) != v for k, v in specials.items() if k in want_specials):
-            problems.append(f"special ids {specials} vs {want_specials}")
+        if any(want_specials.get(k) != v for k, v in special_ids.items() if k in want_specials):
+            problems.append(f"special ids {special_ids} vs {want_specials}")
         if problems:
             raise ShardError(f"{self.folder}: shards were built with another tokenizer than {file} "
                              f"({'; '.join(problems)}); re-materialize the shards with this tokenizer")

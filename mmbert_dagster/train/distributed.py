@@ -171,7 +171,6 @@ def run_stage_distributed(stage: Stage, shape: ModelShape, launcher: Launcher | 
     ``kwargs``: run_stage's keyword arguments (paths, init_from, heldout_texts, seed, device, micro_batch_tokens,
     checkpoint_every, max_steps). The job file goes into ``state_dir`` (on the artifact root, which every node
     of a multi-node run must see)."""
-    launcher = Launcher(nproc_per_node=launcher) if isinstance(launcher, int) else launcher
     state_dir = Path(kwargs["state_dir"])
     state_dir.mkdir(parents=True, exist_ok=True)
     job_path = write_job(state_dir / "job.json", stage, shape, state_dir / "metrics.json", **kwargs)

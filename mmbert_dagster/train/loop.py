@@ -55,7 +55,10 @@ def tokenizer_info(tokenizer_dir: Path) -> tuple[int, dict[str, int]]:
     """(vocabulary size, special token ids) of a tokenizer folder."""
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
+    file = Path(tokenizer_dir) / "tokenizer.json"
+    if not file.is_file():
+        raise ValueError(f"{file}: missing; {tokenizer_dir} is not a tokenizer folder")
+    tok = Tokenizer.from_file(str(file))
     specials = special_token_ids(Path(tokenizer_dir))
     missing = {"pad", "cls", "sep", "mask"} - set(specials)
     if missing:
@@ -158,8 +161,8 @@ def run_stage(
 
     # ---- data and tokenizer
     reader = ShardReader(Path(shards_dir))
-    reader.check_tokenizer(tokenizer_dir)
     vocab_size, specials = tokenizer_info(tokenizer_dir)
+    reader.check_tokenizer(tokenizer_dir, vocab_size, specials)
     never_mask = sorted(set(specials.values()))
 
     # ---- model: the previous stage's weights or a seeded random init, at this stage's context
