@@ -168,6 +168,48 @@ def test_packer_is_deterministic_resumable_and_splits_ranks_disjointly():
     assert sorted(seen) == sorted(pieces)
 
 
+def test_shuffle_window_mixes_documents_reads_every_piece_once_and_resumes():
+    rng = np.random.default_rng(2)
+    docs = [random_doc(rng, int(n)) for n in rng.integers(500, 900, 30)]  # 4..8 pieces each at context 128
+    owner = {tuple(p.tolist()): i for i, d in enumerate(docs) for p in split_document(d, 128, 2, 3)}
+
+    def read(batches):
+        return [[owner[tuple(b.input_ids[0, s:e].tolist())] for s, e in pairwise(b.cu_seqlens.tolist())]
+                for b in batches]
+
+    def packer(**kw):
+        return Packer(docs, 512, 128, SPECIALS, **{"shuffle_window": 8, "seed": 5, **kw})
+
+    in_order = read(Packer(docs, 512, 128, SPECIALS, cycle=False))
+    shuffled = read(packer(cycle=False))
+    assert sorted(sum(shuffled, [])) == sorted(sum(in_order, []))  # every piece exactly once
+    assert sorted(set(sum(shuffled, []))) == list(range(len(docs)))
+    # the point of the window: a micro-batch holds pieces of several documents, not one long document's run
+    def docs_per_batch(rows):
+        return np.mean([len(set(r)) for r in rows])
+    assert docs_per_batch(in_order) < 1.7 and docs_per_batch(shuffled) > 3.0, (docs_per_batch(in_order), docs_per_batch(shuffled))
+    # a window only mixes its own documents: a batch draws from at most two adjacent windows
+    assert all(max(r) // 8 - min(r) // 8 <= 1 for r in shuffled)
+    assert read(packer(seed=6, cycle=False)) != shuffled
+
+    # resume at every position, across window boundaries and into the next (reshuffled) epoch
+    p = packer()
+    stream = [next(p) for _ in range(2 * len(shuffled))]
+    epoch2 = packer(position=DataPosition(1, 0, 0))
+    assert read([next(epoch2) for _ in range(3)]) != shuffled[:3]  # the next epoch is reshuffled
+    p = packer()
+    for k in range(len(stream) - 3):
+        assert torch.equal(next(p).input_ids, stream[k].input_ids)
+        resumed = packer(position=DataPosition.from_dict(json.loads(json.dumps(p.position.to_dict()))))
+        assert all(torch.equal(next(resumed).input_ids, b.input_ids) for b in stream[k + 1:k + 4])
+
+    # ranks: disjoint, complete
+    seen = sum((read(packer(rank=r, world=3, cycle=False)) for r in range(3)), [])
+    assert sorted(sum(seen, [])) == sorted(sum(in_order, []))
+    with pytest.raises(ValueError, match="windows of 8"):
+        packer(position=DataPosition(0, 3, 0))  # not the first document of a window
+
+
 # ------------------------------------------------------------------------------------------ masking
 
 
@@ -297,7 +339,7 @@ def test_stop_at_step_k_then_resume_equals_uninterrupted_run(uninterrupted, data
     assert stopped["interrupted"] and stopped["steps"] == 3
     assert not (data["root"] / "resumed/out/model.safetensors").exists()
     state = json.loads((data["root"] / "resumed/state/trainer_state/state.json").read_text())
-    assert state["step"] == 2 and state["positions"][0]["doc"] > 0
+    assert state["step"] == 2 and (state["positions"][0]["doc"], state["positions"][0]["piece"]) > (0, 0)
     resumed = train(data, "resumed", heldout_texts=data["heldout"], checkpoint_every=2)
     assert resumed["resumed_from"] == 2 and resumed["steps"] == 5
     assert resumed["losses"] == pytest.approx(uninterrupted["losses"], abs=1e-6)

@@ -42,6 +42,7 @@ from mmbert_dagster.train.schedule import lr_at, total_steps_for, warmup_steps_f
 
 DEFAULT_MICRO_BATCH_TOKENS = {"cpu": 8192, "cuda": 32768}  # per rank; 65536 OOMs base (256k vocab) on 141 GB
 DEFAULT_CHECKPOINT_EVERY = 100  # optimizer steps
+SHUFFLE_WINDOW_DOCS = 64  # pieces of this many consecutive documents are read in a shuffled order (packing.py)
 SUMMARY_JSON = "trainer_summary.json"
 
 
@@ -188,7 +189,8 @@ def run_stage(
 
     # ---- state: fresh, or the checkpoint's; from here on a resume is the same code path as a fresh start
     identity = {"stage": json.loads(json.dumps(dataclasses.asdict(stage))),
-                "shape": json.loads(json.dumps(dataclasses.asdict(shape))), "seed": seed, "world": info.world}
+                "shape": json.loads(json.dumps(dataclasses.asdict(shape))), "seed": seed, "world": info.world,
+                "shuffle_window": SHUFFLE_WINDOW_DOCS}
     state = {"step": 0, "tokens": 0, "losses": [], "lrs": [], "seconds": 0.0,
              "positions": [DataPosition(0, r, 0).to_dict() for r in range(info.world)], **identity}
     random.seed(stable_seed(seed, "python", info.rank))
@@ -203,7 +205,8 @@ def run_stage(
         log(f"{stage.name}: resuming from {state_dir / 'trainer_state'} at step {state['step']}/{total_steps}")
     resumed_from = state["step"]
     packer = Packer(reader, budget, stage.context_length, specials, rank=info.rank, world=info.world,
-                    position=DataPosition.from_dict(state["positions"][info.rank]))
+                    position=DataPosition.from_dict(state["positions"][info.rank]),
+                    shuffle_window=SHUFFLE_WINDOW_DOCS, seed=stable_seed(seed, "pieces"))
     metrics = MetricsLog(out_dir, resume_step=state["step"], enabled=info.is_main)
     log(f"{stage.name}: {total_steps} steps x {stage.batch_tokens} tokens ({warmup_steps} warmup, decay "
         f"{stage.lr_decay}); {info.world} rank(s) x {accum} micro-batch(es) of <= {budget} tokens; "
