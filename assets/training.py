@@ -75,7 +75,7 @@ def build_training_asset(key: str) -> AssetsDefinition:
     @asset(name=key, group_name="training", deps=deps, pool="gpu",
            code_version=code_version("model", "seed", f"stages.{stage_name}", modules=TRAINING_CORE))
     def _train(context: AssetExecutionContext, store: ArtifactStore, compute: Compute) -> MaterializeResult:
-        from mmbert_dagster.evaluate.fill_mask import probes_markdown, run_probes
+        from mmbert_dagster.evaluate.fill_mask import languages_filled, probes_markdown, run_probes
         from mmbert_dagster.train import loop
         from mmbert_dagster.train.distributed import run_stage_distributed
 
@@ -107,7 +107,9 @@ def build_training_asset(key: str) -> AssetsDefinition:
             shutil.copytree(state_dir / "trainer_state", out / "trainer_state")
         shutil.rmtree(state_dir, ignore_errors=True)
         examples = probes_markdown(probes)
-        context.log.info(f"{key}: fill-mask probes ({sum(r.hit for r in probes)}/{len(probes)} hit)\n{examples}")
+        filled = languages_filled(probes)
+        context.log.info(f"{key}: fill-mask probes: {sum(r.hit for r in probes)}/{len(probes)} sentences hit, "
+                         f"{len(filled)} language(s) filled ({', '.join(filled) or 'none'})\n{examples}")
         losses = metrics["losses"]
         return MaterializeResult(
             metadata={
@@ -125,7 +127,8 @@ def build_training_asset(key: str) -> AssetsDefinition:
                 "rope_theta": stage.rope_theta,
                 "loss_curve": MetadataValue.md(line_chart_md(losses, f"{key}: training loss", "step", "MLM loss")),
                 "fill_mask": MetadataValue.md(examples),
-                "fill_mask_hits": ", ".join(r.lang for r in probes if r.hit) or "none",
+                "fill_mask_hits": f"{sum(r.hit for r in probes)}/{len(probes)}",
+                "fill_mask_languages": ", ".join(filled) or "none",
             }
         )
 
@@ -167,9 +170,10 @@ def build_training_checks(key: str) -> list:
                              f"{MIN_FILL_MASK_LANGS} languages (a warning: a model still at the unigram plateau fails)")
     def _fills(store: ArtifactStore) -> AssetCheckResult:
         probes = json.loads((store.require(key) / FILL_MASK_FILE).read_text())
-        hits = [p["lang"] for p in probes if p["hit"]]
-        return AssetCheckResult(passed=len(hits) >= MIN_FILL_MASK_LANGS, severity=AssetCheckSeverity.WARN,
-                                metadata={"hits": ", ".join(hits) or "none", "probes": len(probes)})
+        filled = list(dict.fromkeys(p["lang"] for p in probes if p["hit"]))
+        return AssetCheckResult(passed=len(filled) >= MIN_FILL_MASK_LANGS, severity=AssetCheckSeverity.WARN,
+                                metadata={"languages_filled": ", ".join(filled) or "none",
+                                          "sentences_hit": f"{sum(p['hit'] for p in probes)}/{len(probes)}"})
 
     return [_finite, _decreased, _fills]
 

@@ -229,3 +229,32 @@ def test_nightly_eval_requests_the_scores_at_two_and_the_merge_only_when_stale()
         instance.report_runless_asset_event(AssetMaterialization("decay_all"))
         req = nightly_eval(build_schedule_context(instance, scheduled_execution_time=at_two))
         assert AssetKey("merged_model") in req.asset_selection  # a decay changed after the merge
+
+
+# ------------------------------------------------------------------------------------------ fill-mask probes
+
+
+def test_fill_mask_probes_are_held_out_sentences_whose_answer_a_unigram_model_would_not_give():
+    from mmbert_dagster.data.sources import embedded_dir
+    from mmbert_dagster.evaluate.fill_mask import PROBES, ProbeResult, languages_filled
+
+    held = pl.read_parquet(embedded_dir() / "heldout.parquet")
+    train = pl.read_parquet(embedded_dir() / "corpus.parquet", columns=["declared_lang", "text"])
+    for lang, sentences in PROBES.items():
+        assert len(sentences) >= 2
+        held_text = " ".join(held.filter(pl.col("declared_lang") == lang)["text"].to_list())
+        train_text = " ".join(train.filter(pl.col("declared_lang") == lang)["text"].to_list())
+        for sentence, answer in sentences:
+            assert sentence.count("[MASK]") == 1
+            filled = sentence.replace("[MASK]", answer)
+            assert filled in held_text, (lang, filled)  # verbatim held-out text...
+            assert filled not in train_text, (lang, filled)  # ...that no stage trains on
+            # what a model on the unigram plateau ranks first in every language (measured): never an answer
+            assert answer not in {".", ",", "", "de", "en", "es"}
+
+    def result(lang, expected, guesses):
+        return ProbeResult(lang, "s", expected, [(g, 0.1) for g in guesses])
+    results = [result("a", "x", ["y", "X "]), result("a", "z", ["x"]), result("b", "x", ["y"]),
+               result("c", "q", ["q"])]
+    assert [r.hit for r in results] == [True, False, False, True]  # case and surrounding spaces ignored
+    assert languages_filled(results) == ["a", "c"]
