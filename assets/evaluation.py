@@ -89,6 +89,7 @@ def merged_weights_match_ties(store: ArtifactStore) -> AssetCheckResult:
 def benchmark_scores(context: AssetExecutionContext, store: ArtifactStore, compute: Compute) -> MaterializeResult:
     from mmbert_dagster.evaluate.report import build_report, write_report
     from mmbert_dagster.evaluate.suite import evaluate
+    from mmbert_dagster.train.loop import resolve_device
 
     heldout_path = store.require("raw_corpus") / "heldout.parquet"
     if not heldout_path.exists():
@@ -98,7 +99,7 @@ def benchmark_scores(context: AssetExecutionContext, store: ArtifactStore, compu
     tiers = dict(zip(stats["lang"].to_list(), stats["tier"].to_list()))
     models = {k: store.path(k) for k in REFERENCE_MODELS if (store.path(k) / "config.json").exists()}
     models |= {k: store.require(k) for k in (*DECAYS, "merged_model")}
-    device = "cuda" if compute.device in ("auto", "cuda") and _cuda() else "cpu"
+    device = str(resolve_device(compute.device))  # the same choice as the training assets ("auto": cuda if present)
     table, notes = evaluate(models, pl.read_parquet(heldout_path), tiers, RECIPE.eval, english=RECIPE.english,
                             seed=RECIPE.seed, device=device, log=context.log.info)
     mixtures = {}
@@ -123,12 +124,6 @@ def benchmark_scores(context: AssetExecutionContext, store: ArtifactStore, compu
         "summary": MetadataValue.md(_summary_md(summary)),
         "skipped": MetadataValue.json(notes),
     })
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _summary_md(summary: pl.DataFrame) -> str:

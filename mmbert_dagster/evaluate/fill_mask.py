@@ -18,36 +18,36 @@ from pathlib import Path
 PROBES: dict[str, list[tuple[str, str]]] = {
     "eng_Latn": [("Everyone has the right [MASK] education.", "to"),
                  ("Motherhood [MASK] childhood are entitled to special care and assistance.", "and"),
-                 ("These rights and freedoms may in no case be exercised contrary to the purposes and principles "
-                  "[MASK] the United Nations.", "of")],
+                 (("These rights and freedoms may in no case be exercised contrary to the purposes and principles "
+                   "[MASK] the United Nations."), "of")],
     "deu_Latn": [("Jeder hat das Recht [MASK] Bildung.", "auf"),
                  ("Mütter [MASK] Kinder haben Anspruch auf besondere Fürsorge und Unterstützung.", "und"),
-                 ("Diese Rechte und Freiheiten dürfen in keinem Fall im Widerspruch zu den Zielen und Grundsätzen "
-                  "[MASK] Vereinten Nationen ausgeübt werden.", "der")],
+                 (("Diese Rechte und Freiheiten dürfen in keinem Fall im Widerspruch zu den Zielen und Grundsätzen "
+                   "[MASK] Vereinten Nationen ausgeübt werden."), "der")],
     "fra_Latn": [("Toute personne a droit [MASK] l’éducation.", "à"),
                  ("La maternité [MASK] l’enfance ont droit à une aide et à une assistance spéciales.", "et"),
-                 ("Ces droits et libertés ne pourront, en aucun cas, s’exercer contrairement aux buts et aux "
-                  "principes [MASK] Nations Unies.", "des")],
+                 (("Ces droits et libertés ne pourront, en aucun cas, s’exercer contrairement aux buts et aux "
+                   "principes [MASK] Nations Unies."), "des")],
     "spa_Latn": [("Toda persona tiene derecho [MASK] la educación.", "a"),
                  ("La maternidad [MASK] la infancia tienen derecho a cuidados y asistencia especiales.", "y"),
-                 ("Toda persona tiene deberes respecto [MASK] la comunidad, puesto que sólo en ella puede "
-                  "desarrollar libre y plenamente su personalidad.", "a")],
+                 (("Toda persona tiene deberes respecto [MASK] la comunidad, puesto que sólo en ella puede "
+                   "desarrollar libre y plenamente su personalidad."), "a")],
     "por_Latn": [("Toda a pessoa tem direito [MASK] educação.", "à"),
                  ("A maternidade [MASK] a infância têm direito a ajuda e a assistência especiais.", "e"),
-                 ("Em caso algum estes direitos e liberdades poderão ser exercidos contrariamente aos fins e aos "
-                  "princípios [MASK] Nações Unidas.", "das")],
+                 (("Em caso algum estes direitos e liberdades poderão ser exercidos contrariamente aos fins e aos "
+                   "princípios [MASK] Nações Unidas."), "das")],
     "nld_Latn": [("Een ieder heeft recht [MASK] onderwijs;", "op"),
                  ("Moeder en kind hebben recht [MASK] bijzondere zorg en bijstand.", "op"),
-                 ("Deze rechten en vrijheden mogen in geen geval worden uitgeoefend in strijd met de doeleinden en "
-                  "beginselen [MASK] de Verenigde Naties.", "van")],
+                 (("Deze rechten en vrijheden mogen in geen geval worden uitgeoefend in strijd met de doeleinden en"
+                   " beginselen [MASK] de Verenigde Naties."), "van")],
     "pol_Latn": [("Każdy człowiek ma prawo [MASK] nauki.", "do"),
                  ("Matka [MASK] dziecko mają prawo do specjalnej opieki i pomocy.", "i"),
-                 ("Wszystkie dzieci, zarówno małżeńskie jak [MASK] pozamałżeńskie, korzystają z jednakowej "
-                  "ochrony społecznej.", "i")],
+                 (("Wszystkie dzieci, zarówno małżeńskie jak [MASK] pozamałżeńskie, korzystają z jednakowej ochrony"
+                   " społecznej."), "i")],
     "rus_Cyrl": [("Каждый человек имеет право [MASK] образование.", "на"),
                  ("Материнство [MASK] младенчество дают право на особое попечение и помощь.", "и"),
-                 ("Все дети, родившиеся в браке [MASK] вне брака, должны пользоваться одинаковой социальной "
-                  "защитой.", "или")],
+                 (("Все дети, родившиеся в браке [MASK] вне брака, должны пользоваться одинаковой социальной "
+                   "защитой."), "или")],
 }
 TOP_K = 5
 
