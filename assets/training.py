@@ -75,7 +75,7 @@ def build_training_asset(key: str) -> AssetsDefinition:
     @asset(name=key, group_name="training", deps=deps, pool="gpu",
            code_version=code_version("model", "seed", f"stages.{stage_name}", modules=TRAINING_CORE))
     def _train(context: AssetExecutionContext, store: ArtifactStore, compute: Compute) -> MaterializeResult:
-        from mmbert_dagster.evaluate.fill_mask import languages_filled, probes_markdown, run_probes
+        from mmbert_dagster.evaluate.fill_mask import languages_filled, probes_markdown, run_probes, save_results
         from mmbert_dagster.train import loop
         from mmbert_dagster.train.distributed import run_stage_distributed
 
@@ -100,15 +100,13 @@ def build_training_asset(key: str) -> AssetsDefinition:
                 metrics = loop.run_stage(stage, RECIPE.model, out_dir=out, **kwargs)
             (out / "inputs.json").write_text(json.dumps(inputs, indent=1))
             probes = run_probes(out)
-            (out / FILL_MASK_FILE).write_text(json.dumps(
-                [{"lang": r.lang, "sentence": r.sentence, "expected": r.expected, "hit": r.hit,
-                  "top5": r.guesses} for r in probes], indent=1, ensure_ascii=False))
+            save_results(probes, out / FILL_MASK_FILE)
             # DESIGN: the final resume state (optimizer, RNG, data position) travels beside the weights
             shutil.copytree(state_dir / "trainer_state", out / "trainer_state")
         shutil.rmtree(state_dir, ignore_errors=True)
         examples = probes_markdown(probes)
-        filled = languages_filled(probes)
-        context.log.info(f"{key}: fill-mask probes: {sum(r.hit for r in probes)}/{len(probes)} sentences hit, "
+        filled, hits = languages_filled(probes), f"{sum(r.hit for r in probes)}/{len(probes)}"
+        context.log.info(f"{key}: fill-mask probes: {hits} sentences hit, "
                          f"{len(filled)} language(s) filled ({', '.join(filled) or 'none'})\n{examples}")
         losses = metrics["losses"]
         return MaterializeResult(
@@ -127,7 +125,7 @@ def build_training_asset(key: str) -> AssetsDefinition:
                 "rope_theta": stage.rope_theta,
                 "loss_curve": MetadataValue.md(line_chart_md(losses, f"{key}: training loss", "step", "MLM loss")),
                 "fill_mask": MetadataValue.md(examples),
-                "fill_mask_hits": f"{sum(r.hit for r in probes)}/{len(probes)}",
+                "fill_mask_hits": hits,
                 "fill_mask_languages": ", ".join(filled) or "none",
             }
         )
@@ -169,11 +167,13 @@ def build_training_checks(key: str) -> list:
                  description="The checkpoint fills in the masked word of a held-out sentence (top 5) in at least "
                              f"{MIN_FILL_MASK_LANGS} languages (a warning: a model still at the unigram plateau fails)")
     def _fills(store: ArtifactStore) -> AssetCheckResult:
-        probes = json.loads((store.require(key) / FILL_MASK_FILE).read_text())
-        filled = list(dict.fromkeys(p["lang"] for p in probes if p["hit"]))
+        from mmbert_dagster.evaluate.fill_mask import languages_filled, load_results
+
+        probes = load_results(store.require(key) / FILL_MASK_FILE)
+        filled = languages_filled(probes)
         return AssetCheckResult(passed=len(filled) >= MIN_FILL_MASK_LANGS, severity=AssetCheckSeverity.WARN,
                                 metadata={"languages_filled": ", ".join(filled) or "none",
-                                          "sentences_hit": f"{sum(p['hit'] for p in probes)}/{len(probes)}"})
+                                          "sentences_hit": f"{sum(r.hit for r in probes)}/{len(probes)}"})
 
     return [_finite, _decreased, _fills]
 

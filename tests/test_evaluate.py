@@ -234,9 +234,10 @@ def test_nightly_eval_requests_the_scores_at_two_and_the_merge_only_when_stale()
 # ------------------------------------------------------------------------------------------ fill-mask probes
 
 
-def test_fill_mask_probes_are_held_out_sentences_whose_answer_a_unigram_model_would_not_give():
+def test_fill_mask_probes_are_held_out_sentences_whose_answer_a_unigram_model_would_not_give(tmp_path):
     from mmbert_dagster.data.sources import embedded_dir
-    from mmbert_dagster.evaluate.fill_mask import PROBES, ProbeResult, languages_filled
+    from mmbert_dagster.evaluate.fill_mask import (PROBES, ProbeResult, languages_filled, load_results,
+                                                   save_results)
 
     held = pl.read_parquet(embedded_dir() / "heldout.parquet")
     train = pl.read_parquet(embedded_dir() / "corpus.parquet", columns=["declared_lang", "text"])
@@ -258,3 +259,5 @@ def test_fill_mask_probes_are_held_out_sentences_whose_answer_a_unigram_model_wo
                result("c", "q", ["q"])]
     assert [r.hit for r in results] == [True, False, False, True]  # case and surrounding spaces ignored
     assert languages_filled(results) == ["a", "c"]
+    save_results(results, tmp_path / "fill_mask.json")  # what the training assets keep and their check reads
+    assert load_results(tmp_path / "fill_mask.json") == results

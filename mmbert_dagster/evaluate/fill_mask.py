@@ -12,6 +12,7 @@ A hit = the expected word in the top 5; a language is *filled* when one of its s
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +75,17 @@ def run_probes(model_dir: Path | str, probes: dict[str, list[tuple[str, str]]] |
             guesses = [(p["token_str"].strip(), float(p["score"])) for p in fill(sentence)]
             out.append(ProbeResult(lang, sentence, expected, guesses))
     return out
+
+
+def save_results(results: list[ProbeResult], path: Path) -> None:
+    """Probe results as JSON (lang, sentence, expected, hit, top5) — what the training assets keep."""
+    path.write_text(json.dumps([{"lang": r.lang, "sentence": r.sentence, "expected": r.expected, "hit": r.hit,
+                                 "top5": r.guesses} for r in results], indent=1, ensure_ascii=False))
+
+
+def load_results(path: Path) -> list[ProbeResult]:
+    return [ProbeResult(p["lang"], p["sentence"], p["expected"], [(g, s) for g, s in p["top5"]])
+            for p in json.loads(path.read_text())]
 
 
 def languages_filled(results: list[ProbeResult]) -> list[str]:
