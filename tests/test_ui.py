@@ -87,17 +87,11 @@ def page(ui):
         # tall enough for the whole expanded asset graph (nodes outside the viewport are not rendered)
         pg = browser.new_page(viewport={"width": 2000, "height": 2600})
         pg.set_default_timeout(60_000)
+        # the first-visit "Join the community" dialog can open at any moment (late on a busy machine) and then
+        # blocks every click: Playwright dismisses it whenever it shows, before each action and retry
+        pg.add_locator_handler(pg.get_by_role("button", name="Skip"), lambda skip: skip.click())
         yield pg
         browser.close()
-
-
-def _dismiss_welcome(page) -> None:
-    skip = page.get_by_role("button", name="Skip")  # the first-visit "Join the community" dialog
-    try:
-        skip.wait_for(timeout=3000)
-        skip.click()
-    except Exception:  # noqa: BLE001 - not shown (already dismissed in this browser)
-        pass
 
 
 def _shown_as(key: str, label: str) -> bool:
@@ -110,7 +104,6 @@ def _shown_as(key: str, label: str) -> bool:
 
 def test_the_asset_graph_shows_every_asset(ui, page):
     page.goto(f"{ui['url']}/asset-groups", wait_until="networkidle")
-    _dismiss_welcome(page)
     page.get_by_role("button", name="settings", exact=True).click()
     page.get_by_role("menuitem", name="Expand all groups").click()
     page.keyboard.press("Escape")
@@ -126,7 +119,6 @@ def test_the_asset_graph_shows_every_asset(ui, page):
 
 def test_materialize_from_the_ui_succeeds_with_progress_in_the_run_log(ui, page):
     page.goto(f"{ui['url']}/assets/raw_corpus", wait_until="networkidle")
-    _dismiss_welcome(page)
     page.get_by_role("button", name="Materialize").first.click()
     launched = page.get_by_text(re.compile(r"Launched run [0-9a-f]{8}"))
     expect(launched).to_be_visible()
@@ -144,7 +136,6 @@ def test_an_asset_plot_opens_from_its_metadata(ui, page):
     if not (ui["home"] / "tiny" / "raw_corpus" / "MANIFEST.json").is_file():
         pytest.skip("needs the materialization of the previous test")
     page.goto(f"{ui['url']}/assets/raw_corpus", wait_until="networkidle")
-    _dismiss_welcome(page)
     row = page.get_by_role("row").filter(has_text="bytes_per_language")
     row.get_by_text("Show Markdown").click()
     dialog = page.get_by_role("dialog")
