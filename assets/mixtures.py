@@ -1,5 +1,7 @@
-"""Per-stage token mixtures: temperature sampling over each stage's language set (sql/stage_mixture.sql)."""
+"""Per-stage token mixtures: temperature sampling over each stage's language set (sql/stage_mixture.sql).
 
+One mixture per stage that builds its own data (``Recipe.data_stages``; a stage with ``data_from`` reuses
+another's)."""
 
 import polars as pl
 from dagster import (
@@ -14,53 +16,46 @@ from dagster import (
 )
 
 from mmbert_dagster import mixtures
-from mmbert_dagster.recipe import STAGES
-from mmbert_dagster.report import bar_chart_md, md_table
+from mmbert_dagster.recipe import DATA_FIELDS, mixture_key
+from mmbert_dagster.render import bar_chart_md
 from mmbert_dagster.resources import ArtifactStore
 
-from ._common import RECIPE, code_version
+from ._common import RECIPE, code_version, table_metadata
 
-# Only the fields a mixture depends on, so that changing e.g. a mask rate does not mark mixtures stale.
-MIXTURE_FIELDS = ("languages", "tau", "tokens", "max_repeat", "english_boost")
+ENGLISH_ORDER = ("decay_eng", "decay_cont", "decay_all")  # the paper's decays, by falling English share
 
 
 def mixture_code_version(stage: str) -> str:
-    return code_version(
-        "english", *(f"stages.{stage}.{f}" for f in MIXTURE_FIELDS), extra=mixtures.sql_hash("stage_mixture")
-    )
-
-
-def read_mixture(store: ArtifactStore, stage: str) -> pl.DataFrame:
-    return pl.read_parquet(store.require(f"mixture_{stage}") / "mixture.parquet")
+    # only the fields a mixture depends on, so that changing e.g. a mask rate does not mark mixtures stale
+    return code_version("english", *(f"stages.{stage}.{f}" for f in DATA_FIELDS),
+                        extra=mixtures.sql_hash("stage_mixture"))
 
 
 def build_mixture_asset(stage_name: str) -> AssetsDefinition:
-    key = f"mixture_{stage_name}"
+    key = mixture_key(stage_name)
 
     @asset(name=key, group_name="mixtures", deps=["language_stats"], code_version=mixture_code_version(stage_name))
     def _mixture(context: AssetExecutionContext, store: ArtifactStore) -> MaterializeResult:
         stage = RECIPE.stage(stage_name)
-        stats = pl.read_parquet(store.require("language_stats") / "language_stats.parquet")
-        mix = mixtures.stage_mixture(stats, stage, RECIPE)
+        mix = mixtures.stage_mixture(mixtures.read_language_stats(store.require("language_stats")), stage, RECIPE)
         with store.write(key) as out:
-            mix.write_parquet(out / "mixture.parquet")
+            path = mixtures.write_mixture(mix, out)
         english = mixtures.english_share(mix, RECIPE.english)
         by_tier = mix.group_by("tier").agg(languages=pl.len(), share=pl.col("share").sum()).sort("share", descending=True)
-        top = mix.head(30)
         context.log.info(f"{key}: {mix.height} languages, τ={stage.tau}, English share {english:.3f}")
         return MaterializeResult(
             metadata={
-                "path": MetadataValue.path(str(store.path(key) / "mixture.parquet")),
+                "path": MetadataValue.path(str(store.path(key) / path.name)),
                 "languages": mix.height,
                 "tau": stage.tau,
                 "tokens_budget": stage.tokens,
                 "english_share": english,
                 "capped_languages": int(mix["capped"].sum()),
                 "max_repeat_factor": float(mix["repeat_factor"].max()),
-                "share_by_tier": MetadataValue.md(md_table(by_tier)),
-                "shares": MetadataValue.md(md_table(mix.drop("stage"), 40)),
+                "share_by_tier": table_metadata(by_tier),
+                "shares": table_metadata(mix.drop("stage"), 40),
                 "shares_plot": MetadataValue.md(
-                    bar_chart_md(top, "lang", "share", f"{stage_name}: 30 largest shares (τ={stage.tau})", "share")
+                    bar_chart_md(mix.head(30), "lang", "share", f"{stage_name}: 30 largest shares (τ={stage.tau})", "share")
                 ),
             }
         )
@@ -69,13 +64,13 @@ def build_mixture_asset(stage_name: str) -> AssetsDefinition:
 
 
 def build_mixture_check(stage_name: str):
-    key = f"mixture_{stage_name}"
+    key = mixture_key(stage_name)
 
     @asset_check(asset=AssetKey(key), name="mixture_is_valid", blocking=True,
                  description="Shares sum to 1, every stage language is present, repeat factors within the cap")
     def _check(store: ArtifactStore) -> AssetCheckResult:
-        stats = pl.read_parquet(store.require("language_stats") / "language_stats.parquet")
-        mix = read_mixture(store, stage_name)
+        mix = mixtures.read_mixture(store.require(key))
+        stats = mixtures.read_language_stats(store.require("language_stats"))
         problems = mixtures.mixture_problems(mix, RECIPE.stage(stage_name), stats)
         return AssetCheckResult(
             passed=not problems,
@@ -85,18 +80,20 @@ def build_mixture_check(stage_name: str):
     return _check
 
 
-mixture_assets = [build_mixture_asset(s) for s in STAGES]
-mixture_checks = [build_mixture_check(s) for s in STAGES]
+def build_english_order_check():
+    keys = [mixture_key(s) for s in ENGLISH_ORDER]
+
+    @asset_check(asset=AssetKey(keys[-1]), additional_deps=[AssetKey(k) for k in keys[:-1]],
+                 description="English share ordered Decay-Eng > Decay-Cont > Decay-All (paper: 17.9 %, 13.2 %, 10.2 %)")
+    def english_share_ordering(store: ArtifactStore) -> AssetCheckResult:
+        shares = [mixtures.english_share(mixtures.read_mixture(store.require(k)), RECIPE.english) for k in keys]
+        return AssetCheckResult(passed=shares[0] > shares[1] > shares[2],
+                                metadata={f"english_share_{s}": v for s, v in zip(ENGLISH_ORDER, shares)})
+
+    return english_share_ordering
 
 
-@asset_check(
-    asset=AssetKey("mixture_decay_all"),
-    additional_deps=[AssetKey("mixture_decay_eng"), AssetKey("mixture_decay_cont")],
-    description="English share ordered Decay-Eng > Decay-Cont > Decay-All (paper: 17.9 %, 13.2 %, 10.2 %)",
-)
-def english_share_ordering(store: ArtifactStore) -> AssetCheckResult:
-    shares = {s: mixtures.english_share(read_mixture(store, s), RECIPE.english) for s in ("decay_eng", "decay_cont", "decay_all")}
-    return AssetCheckResult(
-        passed=shares["decay_eng"] > shares["decay_cont"] > shares["decay_all"],
-        metadata={f"english_share_{k}": v for k, v in shares.items()},
-    )
+mixture_assets = [build_mixture_asset(s) for s in RECIPE.data_stages]
+mixture_checks = [build_mixture_check(s) for s in RECIPE.data_stages]
+if set(ENGLISH_ORDER) <= set(RECIPE.data_stages):  # the paper's three decays, each with its own mixture
+    mixture_checks.append(build_english_order_check())

@@ -15,8 +15,8 @@ Variants, each in a fresh process with a fresh artifact root (the embedded defau
 * ``cli_multiprocess``: the same command with ``MMBERT_EXECUTOR=multiprocess`` (Dagster's process per step).
 
 Overhead = variant seconds / direct seconds - 1 (target ≤ 15 %); ``decay_all+`` / whole ``cli`` graph (target
-≤ 35 %). The language-ID model is not bit-reproducible (fastText trains with 2 threads), so shards differ a
-little between variants; token budgets, and so the training work, do not. Waits for an idle machine first
+≤ 35 %). Every data asset is bit-reproducible (fastText trains with one thread; tests/test_reproducible.py), so
+the variants train on the same shards. Waits for an idle machine first
 (``benchmarks/run.py``'s /proc/stat check). Scope ``data`` stops after the data half (~6 min); ``all`` runs
 the whole graph four times (~40 min on 2 cores). Not part of the unit tests.
 """

@@ -16,6 +16,7 @@ import re
 import shutil
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 MANIFEST = "MANIFEST.json"
@@ -31,16 +32,30 @@ def mmbert_home() -> Path:
     return Path(os.environ.get("MMBERT_HOME", DEFAULT_HOME)).expanduser().resolve()
 
 
-def asset_dir(root: Path, preset: str, key: str) -> Path:
-    return Path(root) / preset / key
+@dataclass(frozen=True)
+class ArtifactLayout:
+    """The one place that decides where a recipe's artifacts and work folders live under the artifact root."""
+
+    root: Path
+    recipe: str  # the recipe's name: one folder per recipe
+
+    def artifact(self, key: str) -> Path:
+        """``<root>/<recipe>/<key>/``: the committed artifact of asset ``key``."""
+        return Path(self.root) / self.recipe / key
+
+    def work(self, key: str) -> Path:
+        """``<root>/.work/<recipe>/<key>/``: scratch space that outlives a killed run (resume state, executor logs)."""
+        return Path(self.root) / ".work" / self.recipe / key
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def manifest_digest(folder: Path) -> str:
+    """A short digest of an artifact's MANIFEST.json: it changes whenever any of the artifact's files changes."""
+    return hashlib.sha256((Path(folder) / MANIFEST).read_bytes()).hexdigest()[:16]
 
 
 def write_manifest(folder: Path, extra: dict | None = None) -> dict:

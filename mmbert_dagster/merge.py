@@ -30,6 +30,7 @@ from pathlib import Path
 SHAPE_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads", "global_attn_every_n_layers", "local_attention")
 TOKENIZER_FILE = "tokenizer.json"
+WEIGHTS_FILE = "model.safetensors"  # transformers' single-file weights, as every checkpoint folder holds them
 
 
 class MergeError(ValueError):
@@ -136,3 +137,26 @@ def ties_merge(base: Path | str, models: Mapping[str, Path | str], out_dir: Path
     (out_dir / "merge_config.json").write_text(json.dumps(config, indent=1))
     return {"method": "ties", "density": density, "scale": scale, "weights": dict(weights),
             "models": {k: str(v) for k, v in models.items()}, "base": str(base)}
+
+
+def compare_with_reference(merged: Path, base: Path, models: Mapping[str, Path], *, weights: Mapping[str, float],
+                           density: float, scale: float = 1.0, max_elements: int = 4_000_000) -> dict:
+    """Re-compute TIES for every tensor of up to ``max_elements`` with :func:`ties_reference` and compare it with
+    the merged folder's weights: ``{"tensors", "re_computed", "max_abs_difference", "non_finite"}``."""
+    from safetensors.torch import load_file
+
+    def weights_of(folder: Path) -> dict:
+        return load_file(str(Path(folder) / WEIGHTS_FILE))
+
+    out, ref_base = weights_of(merged), weights_of(base)
+    inputs = {name: weights_of(folder) for name, folder in models.items()}
+    worst, checked = 0.0, 0
+    for key, t in out.items():
+        if key not in ref_base or t.numel() > max_elements:
+            continue
+        ref = ties_reference(ref_base[key], [inputs[m][key] for m in models], [weights[m] for m in models],
+                             density, scale)
+        worst = max(worst, float((ref - t.float()).abs().max()))
+        checked += 1
+    return {"tensors": len(out), "re_computed": checked, "max_abs_difference": worst,
+            "non_finite": [k for k, t in out.items() if not t.isfinite().all()]}

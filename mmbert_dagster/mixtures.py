@@ -16,6 +16,8 @@ import polars as pl
 from mmbert_dagster.recipe import Recipe, Stage
 
 SHARE_TOLERANCE = 1e-6
+STATS_FILE = "language_stats.parquet"  # the language_stats artifact: one row per language
+MIXTURE_FILE = "mixture.parquet"  # a mixture_<stage> artifact: one row per language of the stage
 
 
 class MixtureError(ValueError):
@@ -45,6 +47,36 @@ def language_stats(docs_files: list[Path], lid_file: Path, fertility: pl.DataFra
     if stats.height == 0:
         raise MixtureError(f"{lid_file}: no document passed language ID; nothing to build mixtures from")
     return stats
+
+
+def build_language_stats(filtered_corpus_dir: Path, language_id_dir: Path, tokenizer_dir: Path, out_dir: Path,
+                         recipe: Recipe) -> pl.DataFrame:
+    """The language_stats artifact: :func:`language_stats` of the filtered documents, their language-ID labels and
+    the tokenizer's measured fertility, written to ``out_dir``."""
+    from mmbert_dagster.data import filtering, langid, tokenizer
+
+    stats = language_stats(filtering.docs_files(filtered_corpus_dir), langid.table_file(language_id_dir),
+                           tokenizer.read_fertility(tokenizer_dir), recipe)
+    stats.write_parquet(Path(out_dir) / STATS_FILE)
+    return stats
+
+
+def read_language_stats(folder: Path) -> pl.DataFrame:
+    return pl.read_parquet(Path(folder) / STATS_FILE)
+
+
+def tiers_of(stats: pl.DataFrame) -> dict[str, str]:
+    """lang -> tier (high / mid / low) from language_stats."""
+    return dict(zip(stats["lang"].to_list(), stats["tier"].to_list()))
+
+
+def write_mixture(mix: pl.DataFrame, folder: Path) -> Path:
+    mix.write_parquet(Path(folder) / MIXTURE_FILE)
+    return Path(folder) / MIXTURE_FILE
+
+
+def read_mixture(folder: Path) -> pl.DataFrame:
+    return pl.read_parquet(Path(folder) / MIXTURE_FILE)
 
 
 def stage_mixture(stats: pl.DataFrame, stage: Stage, recipe: Recipe) -> pl.DataFrame:

@@ -1,8 +1,13 @@
-"""The typed mmBERT recipe: frozen dataclasses, loaded from a preset TOML and validated once.
+"""The typed mmBERT recipe: frozen dataclasses, loaded from a preset TOML and validated once — and the stage graph.
 
 A preset (``mmbert_dagster/recipes/<name>.toml``) states the base stage once under ``[stages.base]``; every
-stage then writes only what differs from the stage it ``extends``. Every default lives in this file, in the
-dataclass fields; nothing else in the code base calls ``.get(key, default)`` on recipe data.
+stage then writes only what differs from the stage it ``extends``. The recipe's defaults live in the dataclass
+fields of this file (settings of *where* work runs — devices, processes — live in the compute resource).
+
+The stage graph is the recipe: every ``[stages.X]`` (other than ``base``) is a training stage with a mixture,
+shards and a checkpoint; ``init_from`` names the earlier stage it continues from, ``data_from`` another stage
+whose mixture and shards it reuses (a stage that differs only in training settings), ``[merge] weights`` the
+stages merged. :func:`checkpoint_key` and :func:`mixture_key` / :func:`shards_key` name their assets.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -17,7 +23,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-STAGES = ("pretrain", "midtrain", "decay_eng", "decay_cont", "decay_all")
+PAPER_STAGES = ("pretrain", "midtrain", "decay_eng", "decay_cont", "decay_all")  # the paper's stage graph
+# the stage fields a mixture and its shards depend on (a stage with ``data_from`` must agree on all of them)
+DATA_FIELDS = ("languages", "tau", "tokens", "max_repeat", "english_boost")
+# asset keys that are not stages' (a stage's keys must not collide with them)
+OTHER_KEYS = ("raw_corpus", "filtered_corpus", "language_id_model", "language_id_table", "language_stats",
+              "tokenizer", "merged_model", "benchmark_scores")
+STAGE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
 LANG_CODE = re.compile(r"^[a-z]{3}_[A-Z][a-z]{3}$")  # ISO 639-3 + ISO 15924 script, e.g. deu_Latn
 
 
@@ -137,7 +149,10 @@ class Stage:
     weight_decay: float
     betas: tuple[float, float]
     grad_clip: float
-    init_from: str  # "" (random init) or the stage whose checkpoint this stage continues
+    init_from: str  # "" (random init) or the earlier stage whose checkpoint this stage continues
+    data_from: str = ""  # "" (own mixture and shards) or the stage whose mixture and shards this stage reuses
+    shuffle_window_docs: int = 64  # pieces of this many consecutive documents are read in a shuffled order
+    # (train/packing.py): 1 reads documents in order, which kept the tiny preset on the unigram plateau
 
 
 @dataclass(frozen=True)
@@ -160,7 +175,26 @@ class Recipe:
         try:
             return self.stages[name]
         except KeyError:
-            raise RecipeError(f"{self.source_file}: no stage {name!r}; stages are {sorted(self.stages)}") from None
+            raise RecipeError(f"{self.source_file}: no stage {name!r}; stages are {list(self.stages)}") from None
+
+    def data_stage(self, name: str) -> str:
+        """The stage whose mixture and shards ``name`` trains on (itself unless it says ``data_from``)."""
+        return self.stage(name).data_from or name
+
+    @property
+    def data_stages(self) -> list[str]:
+        """Stages that build their own mixture and shards, in recipe order."""
+        return [name for name, s in self.stages.items() if not s.data_from]
+
+    @property
+    def merge_base(self) -> str:
+        """The stage every merged stage continues from: TIES task vectors are taken relative to its checkpoint."""
+        return self.stage(next(iter(self.merge.weights))).init_from
+
+    def lineage(self) -> dict[str, str | None]:
+        """checkpoint key -> the checkpoint key it continues from (None: random init), in recipe order."""
+        return {checkpoint_key(n): checkpoint_key(s.init_from) if s.init_from else None
+                for n, s in self.stages.items()}
 
     def section_hash(self, *parts: str, extra: str = "") -> str:
         """A short, stable hash of recipe sections (``"lid"``, ``"stages.pretrain"``...) for code versions."""
@@ -172,6 +206,21 @@ class Recipe:
             data[part] = dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
         blob = json.dumps(data, sort_keys=True, default=str) + extra
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def checkpoint_key(stage: str) -> str:
+    """The asset key of a stage's checkpoint: a decay stage (name starting with ``decay``) is a product named by
+    the stage itself (``decay_all``, ``decay_all_mask30``); any other stage's is ``<stage>_checkpoint``
+    (``pretrain_checkpoint``)."""
+    return stage if stage.startswith("decay") else f"{stage}_checkpoint"
+
+
+def mixture_key(stage: str) -> str:
+    return f"mixture_{stage}"
+
+
+def shards_key(stage: str) -> str:
+    return f"shards_{stage}"
 
 
 def _build(cls, table: dict, where: str, **fixed):
@@ -206,10 +255,14 @@ def _validate_stage(s: Stage, where: str) -> None:
     _check(0 < s.mask_rate < 1, f"{where}.mask_rate", f"must be in (0, 1), got {s.mask_rate!r}")
     _check(s.context_length >= 16, f"{where}.context_length", f"must be >= 16 tokens, got {s.context_length!r}")
     _check(s.rope_theta > 0, f"{where}.rope_theta", f"must be > 0, got {s.rope_theta!r}")
+    _check(s.lr_peak > 0, f"{where}.lr_peak", f"must be > 0, got {s.lr_peak!r}")
     _check(0 < s.lr_final <= s.lr_peak, f"{where}.lr_final", f"must be in (0, lr_peak], got {s.lr_final!r}")
     _check(s.lr_decay in ("none", "1-sqrt", "linear"), f"{where}.lr_decay", f"must be none|1-sqrt|linear, got {s.lr_decay!r}")
     _check(s.batch_tokens >= s.context_length, f"{where}.batch_tokens", "must be >= context_length")
     _check(len(s.betas) == 2 and all(0 < b < 1 for b in s.betas), f"{where}.betas", f"must be two values in (0, 1), got {s.betas!r}")
+    _check(s.warmup_tokens >= 0, f"{where}.warmup_tokens", f"must be >= 0, got {s.warmup_tokens!r}")
+    _check(s.weight_decay >= 0, f"{where}.weight_decay", f"must be >= 0, got {s.weight_decay!r}")
+    _check(s.shuffle_window_docs >= 1, f"{where}.shuffle_window_docs", f"must be >= 1, got {s.shuffle_window_docs!r}")
     if isinstance(s.languages, str):
         _check(s.languages == "all", f"{where}.languages", f"must be a count, 'all' or a list of codes, got {s.languages!r}")
     elif isinstance(s.languages, int):
@@ -220,16 +273,58 @@ def _validate_stage(s: Stage, where: str) -> None:
         _check(len(s.languages) > 0, f"{where}.languages", "must not be empty")
 
 
-def _build_merge(table: dict, where: str) -> MergeConfig:
+def _build_merge(table: dict, where: str, stages: dict[str, Stage]) -> MergeConfig:
     merge = _build(MergeConfig, table, where)
     _check(0 < merge.density <= 1, f"{where}.density", f"must be in (0, 1], got {merge.density}")
     _check(merge.scale > 0, f"{where}.scale", f"must be > 0, got {merge.scale}")
-    decays = [s for s in STAGES if s.startswith("decay_")]
-    unknown = sorted(set(merge.weights) - set(decays))
-    _check(not unknown, f"{where}.weights", f"unknown model(s) {unknown}; the decay variants are {decays}")
-    _check(len(merge.weights) >= 2, f"{where}.weights", "name at least two decay variants to merge")
+    unknown = [m for m in merge.weights if m not in stages]
+    _check(not unknown, f"{where}.weights", f"unknown stage(s) {unknown}; stages are {list(stages)}")
+    _check(len(merge.weights) >= 2, f"{where}.weights", "name at least two stages to merge")
     _check(all(w > 0 for w in merge.weights.values()), f"{where}.weights", "weights must be > 0")
+    parents = {m: stages[m].init_from for m in merge.weights}
+    _check(len(set(parents.values())) == 1 and all(parents.values()), f"{where}.weights",
+           f"the merged stages must continue from one stage (task vectors are relative to it); init_from: {parents}")
     return merge
+
+
+def _validate_shape(m: ModelShape, where: str) -> None:
+    """ModernBERT's constraints on its shape (transformers checks some only when the model is built)."""
+    for name in ("layers", "hidden", "intermediate", "heads", "global_every", "local_window"):
+        value = getattr(m, name)
+        _check(isinstance(value, int) and value >= 1, f"{where}.{name}", f"must be a positive integer, got {value!r}")
+    _check(m.hidden % m.heads == 0, f"{where}.heads",
+           f"must divide hidden: hidden = {m.hidden} is not a multiple of heads = {m.heads}")
+    _check((m.hidden // m.heads) % 2 == 0, f"{where}.heads",
+           f"hidden / heads = {m.hidden // m.heads} must be even (RoPE rotates pairs of dimensions)")
+    _check(m.local_window % 2 == 0, f"{where}.local_window",
+           f"must be even (half the window on each side of a token), got {m.local_window}")
+    _check(m.local_rope_theta > 0, f"{where}.local_rope_theta", f"must be > 0, got {m.local_rope_theta}")
+
+
+def _validate_graph(stages: dict[str, Stage], source: str) -> None:
+    """init_from names an earlier stage; data_from a stage with its own data and the same data fields; keys unique."""
+    order = list(stages)
+    for i, (name, s) in enumerate(stages.items()):
+        where = f"{source}: stages.{name}"
+        _check(STAGE_NAME.match(name) is not None, where,
+               "a stage name is lower-case letters, digits and '_', starting with a letter")
+        if s.init_from:
+            _check(s.init_from in order[:i], f"{where}.init_from",
+                   f"must name an earlier stage (one of {order[:i]}), got {s.init_from!r}")
+        if s.data_from:
+            _check(s.data_from in stages and s.data_from != name, f"{where}.data_from",
+                   f"must name another stage (one of {[n for n in order if n != name]}), got {s.data_from!r}")
+            source_stage = stages[s.data_from]
+            _check(not source_stage.data_from, f"{where}.data_from",
+                   f"{s.data_from!r} itself reuses {source_stage.data_from!r}'s data: name {source_stage.data_from!r}")
+            for f in DATA_FIELDS:
+                mine, theirs = getattr(s, f), getattr(source_stage, f)
+                _check(mine == theirs, f"{where}.{f}",
+                       f"{mine!r} differs from stages.{s.data_from}.{f} = {theirs!r}, but data_from = "
+                       f"{s.data_from!r} reuses that stage's mixture and shards; drop data_from or the difference")
+    keys = [k for n in stages for k in (checkpoint_key(n), mixture_key(n), shards_key(n))] + list(OTHER_KEYS)
+    clashes = sorted({k for k in keys if keys.count(k) > 1})
+    _check(not clashes, f"{source}: stages", f"stage names give clashing asset keys {clashes}; rename the stage")
 
 
 def _build_eval(table: dict, where: str) -> EvalConfig:
@@ -283,12 +378,9 @@ def recipe_from_dict(data: dict, source: str = "<dict>") -> Recipe:
         "tokenizer": (TokenizerConfig, data.pop("tokenizer", {})),
     }
     built = {k: _build(cls, t, f"{source}: [{k}]") for k, (cls, t) in sections.items()}
-    built["merge"] = _build_merge(data.pop("merge", {}), f"{source}: [merge]")
+    _validate_shape(built["model"], f"{source}: [model]")
     built["eval"] = _build_eval(data.pop("eval", {}), f"{source}: [eval]")
-    missing_stages = [s for s in STAGES if s not in stages_raw]
-    _check(not missing_stages, f"{source}: stages", f"missing stage(s) {missing_stages}")
-    extra_stages = sorted(set(stages_raw) - set(STAGES))
-    _check(not extra_stages, f"{source}: stages", f"unknown stage(s) {extra_stages}; stages are {list(STAGES)}")
+    _check(bool(stages_raw), f"{source}: stages", "no stage besides [stages.base]; add e.g. [stages.pretrain]")
 
     resolved: dict[str, dict] = {"base": base}
 
@@ -298,19 +390,19 @@ def recipe_from_dict(data: dict, source: str = "<dict>") -> Recipe:
         _check(name not in chain, f"{source}: stages.{name}.extends", f"cycle {' -> '.join(chain + (name,))}")
         delta = dict(stages_raw[name])
         parent = delta.pop("extends", "base")
-        _check(parent == "base" or parent in STAGES, f"{source}: stages.{name}.extends", f"unknown stage {parent!r}")
+        _check(parent == "base" or parent in stages_raw, f"{source}: stages.{name}.extends",
+               f"unknown stage {parent!r}; stages are {['base', *stages_raw]}")
         resolved[name] = {**resolve(parent, chain + (name,)), **delta}
         return resolved[name]
 
     stages = {}
-    for name in STAGES:
+    for name in stages_raw:
         where = f"{source}: stages.{name}"
         stage = _build(Stage, resolve(name), where, name=name)
         _validate_stage(stage, where)
-        if stage.init_from:
-            _check(stage.init_from in STAGES and STAGES.index(stage.init_from) < STAGES.index(name),
-                   f"{where}.init_from", f"must name an earlier stage, got {stage.init_from!r}")
         stages[name] = stage
+    _validate_graph(stages, source)
+    built["merge"] = _build_merge(data.pop("merge", {}), f"{source}: [merge]", stages)
 
     top = {k: data.pop(k) for k in list(data)}
     recipe = _build(Recipe, top, f"{source}: top level", source_file=source, stages=stages, **built)
@@ -324,3 +416,24 @@ def recipe_from_dict(data: dict, source: str = "<dict>") -> Recipe:
     _check(recipe.lid.threads >= 1, f"{source}: [lid].threads", "must be >= 1")
     _check(0 <= recipe.lid.min_heldout_accuracy < 1, f"{source}: [lid].min_heldout_accuracy", "must be in [0, 1)")
     return recipe
+
+
+def preset_from_env() -> str:
+    """``MMBERT_PRESET``: a preset name (tiny, small, base) or a path to a recipe .toml; default ``tiny``."""
+    return os.environ.get("MMBERT_PRESET", "tiny")
+
+
+_ACTIVE: dict[str, Recipe] = {}
+
+
+def active_recipe() -> Recipe:
+    """The recipe this process works with: the one ``MMBERT_PRESET`` names, loaded and validated once.
+
+    The asset graph is built from it when the code location loads, and the artifact store places every artifact
+    under its name, so the two cannot disagree. (Cached per value of the variable: tests switch recipes in one
+    process; a code location picks up an edited TOML when it is reloaded, which starts a new process.)
+    """
+    preset = preset_from_env()
+    if preset not in _ACTIVE:
+        _ACTIVE[preset] = load_recipe(preset)
+    return _ACTIVE[preset]

@@ -13,28 +13,28 @@ from dagster import ConfigurableResource
 
 from mmbert_dagster import artifacts
 from mmbert_dagster.data import sources
-from mmbert_dagster.recipe import Recipe, load_recipe
-
-
-def preset_from_env() -> str:
-    """``MMBERT_PRESET``: a preset name (tiny, small, base) or a path to a recipe .toml; default ``tiny``."""
-    return os.environ.get("MMBERT_PRESET", "tiny")
+from mmbert_dagster.recipe import active_recipe
 
 
 class ArtifactStore(ConfigurableResource):
-    """The artifact root: every asset owns ``<root>/<preset>/<asset_key>/``, written atomically."""
+    """The artifact root: every asset owns ``<root>/<recipe name>/<asset_key>/``, written atomically.
+
+    The recipe is the process's (``MMBERT_PRESET``, the one the asset graph was built from), so artifacts always
+    land in the folder of the recipe the assets compute with.
+    """
 
     root: str = ""  # empty: $MMBERT_HOME, else ./.mmbert in the working directory
-    preset: str = ""  # empty: $MMBERT_PRESET, else tiny
 
-    def recipe(self) -> Recipe:
-        return load_recipe(self.preset or preset_from_env())
-
-    def root_path(self) -> Path:
-        return Path(self.root).expanduser().resolve() if self.root else artifacts.mmbert_home()
+    def layout(self) -> artifacts.ArtifactLayout:
+        root = Path(self.root).expanduser().resolve() if self.root else artifacts.mmbert_home()
+        return artifacts.ArtifactLayout(root, active_recipe().name)
 
     def path(self, key: str) -> Path:
-        return artifacts.asset_dir(self.root_path(), self.recipe().name, key)
+        return self.layout().artifact(key)
+
+    def work_dir(self, key: str) -> Path:
+        """Scratch folder of asset ``key`` that survives a killed run (resume state, executor logs)."""
+        return self.layout().work(key)
 
     def require(self, key: str) -> Path:
         """The folder of an upstream artifact, verified complete and uncorrupted."""
@@ -116,13 +116,17 @@ class Compute(ConfigurableResource):
     rdzv_endpoint: str = ""  # host:port of torchrun's c10d rendezvous, reachable from every node (nnodes > 1)
     launch_prefix: list[str] = []  # starts torchrun on every node, e.g. ["srun", "--nodes=4", "--ntasks-per-node=1"]
     checkpoint_every: int = 25  # optimizer steps between resume checkpoints of a training stage
+    micro_batch_tokens: int = 0  # tokens per micro-batch and process; 0: the device's default (train/device.py)
 
-    def launcher(self):
-        """How training processes start (mmbert_dagster.train.distributed.Launcher)."""
+    def train_settings(self):
+        """Where and how a training stage runs (mmbert_dagster.train.stage_run.TrainSettings)."""
         from mmbert_dagster.train.distributed import Launcher
+        from mmbert_dagster.train.stage_run import TrainSettings
 
-        return Launcher(nproc_per_node=self.nproc_per_node, nnodes=self.nnodes, rdzv_endpoint=self.rdzv_endpoint,
-                        prefix=tuple(self.launch_prefix))
+        launcher = Launcher(nproc_per_node=self.nproc_per_node, nnodes=self.nnodes, rdzv_endpoint=self.rdzv_endpoint,
+                            prefix=tuple(self.launch_prefix))
+        return TrainSettings(device=self.device, micro_batch_tokens=self.micro_batch_tokens,
+                             checkpoint_every=self.checkpoint_every, launcher=launcher)
 
 
 def default_resources() -> dict:

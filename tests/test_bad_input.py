@@ -7,6 +7,7 @@ import json
 import subprocess
 from pathlib import Path
 
+import polars as pl
 import pytest
 
 from mmbert_dagster.artifacts import MANIFEST, atomic_dir
@@ -65,6 +66,12 @@ def _invalid_utf8(tmp: Path) -> tuple[Path, list[str]]:
     return p, [f"{p}:1", "invalid UTF-8"]
 
 
+def _lone_surrogate(tmp: Path) -> tuple[Path, list[str]]:
+    p = tmp / "surrogate.jsonl"  # valid JSON: the six characters \ud800, an unpaired UTF-16 escape
+    p.write_text('{"text": "one good line of text"}\n{"text": "broken \\ud800 text"}\n')
+    return p, [f"{p}:2: field 'text' holds a lone surrogate \\ud800"]
+
+
 def _empty(tmp: Path) -> tuple[Path, list[str]]:
     p = tmp / "empty.jsonl"
     p.write_text("")
@@ -77,13 +84,27 @@ def _missing(tmp: Path) -> tuple[Path, list[str]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("make", [_malformed, _invalid_utf8, _empty, _missing], ids=lambda f: f.__name__[1:])
+@pytest.mark.parametrize("make", [_malformed, _invalid_utf8, _lone_surrogate, _empty, _missing],
+                         ids=lambda f: f.__name__[1:])
 def test_bad_corpus_files_are_refused_by_file_and_line(graph, tmp_path, make):
     home = copy_home(graph, tmp_path / "home", CORPUS_KEYS)
     before = snapshot(home)
     path, needles = make(tmp_path)
     code, out = materialize(home, "raw_corpus", config=local_corpus(path))
     expect_refused(home, before, code, out, *needles)
+
+
+@pytest.mark.slow
+def test_a_lone_surrogate_is_skipped_and_counted_when_asked(tmp_path):
+    home = tmp_path / "home"
+    path, _ = _lone_surrogate(tmp_path)
+    config = local_corpus(path)
+    config["resources"]["corpus"]["config"]["on_bad_record"] = "skip"
+    code, out = materialize(home, "raw_corpus", config=config)
+    assert code == 0, out[-3000:]
+    assert f"skipped {path}:2: field 'text' holds a lone surrogate \\ud800" in out
+    docs = pl.read_parquet(home / "e2e" / "raw_corpus" / "docs")
+    assert docs["text"].to_list() == ["one good line of text"]
 
 
 # ---------------------------------------------------------------- recipe fields (refused when the code loads)
@@ -101,6 +122,18 @@ def test_bad_recipe_values_are_refused_by_field(graph, tmp_path, old, new, needl
     recipe = recipe_with(tmp_path, old, new)
     code, out = materialize(home, "raw_corpus", recipe=recipe)
     expect_refused(home, before, code, out, str(recipe), *needles)
+
+
+# ---------------------------------------------------------------- settings that leave nothing to train on
+
+@pytest.mark.slow
+def test_filters_that_drop_every_document_are_refused_naming_filter_and_setting(graph, tmp_path):
+    home = copy_home(graph, tmp_path / "home", ["raw_corpus", "filtered_corpus"])
+    before = snapshot(home)
+    recipe = recipe_with(tmp_path, "min_doc_words = 30", "min_doc_words = 100000")
+    code, out = materialize(home, "filtered_corpus", recipe=recipe)
+    expect_refused(home, before, code, out, f"{recipe}: [filters] removed all",
+                   "gopher_quality dropped", "(gopher_short_doc: ", "min_doc_words = 100000")
 
 
 # ---------------------------------------------------------------- artifacts that do not fit together

@@ -9,7 +9,11 @@ import polars as pl
 import pytest
 from dagster import AssetCheckSeverity, AssetKey, materialize
 
-from graph_helpers import DAGSTER, DATA_KEYS, RECIPE, REPO, TRAINING_KEYS, cli_env, load_definitions, run_config  # noqa: E402
+from graph_helpers import (  # noqa: E402
+    DAGSTER, DATA_KEYS, RECIPE, REPO, TRAINING_KEYS, cli_env, copy_home, load_definitions, run_config,
+)
+
+EVERY_KEY = sorted(DATA_KEYS | TRAINING_KEYS | {"merged_model", "benchmark_scores"})
 
 
 def materialization_count(instance, key: str) -> int:
@@ -50,26 +54,28 @@ def test_whole_graph_materializes_with_passing_checks(graph):
 
 
 @pytest.mark.slow
-def test_bare_cli_materializes_a_selection_from_the_repo_root(graph):
-    env = cli_env(graph["home"])  # without DAGSTER_CLI_ASSET_MATERIALIZE_MODULE_NAME: the venv's hook provides it
-    before = (graph["home"] / "e2e" / "shards_decay_all" / "MANIFEST.json").stat().st_mtime_ns
-    raw_before = (graph["home"] / "e2e" / "raw_corpus" / "MANIFEST.json").stat().st_mtime_ns
+def test_bare_cli_materializes_a_selection_from_the_repo_root(graph, tmp_path):
+    home = copy_home(graph, tmp_path / "home", EVERY_KEY)  # a copy: the session graph stays as it was built
+    env = cli_env(home)  # without DAGSTER_CLI_ASSET_MATERIALIZE_MODULE_NAME: the venv's hook provides it
+    before = (home / "e2e" / "shards_decay_all" / "MANIFEST.json").stat().st_mtime_ns
+    raw_before = (home / "e2e" / "raw_corpus" / "MANIFEST.json").stat().st_mtime_ns
     proc = subprocess.run([DAGSTER, "asset", "materialize", "--select", "shards_decay_all"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "RUN_SUCCESS" in proc.stdout + proc.stderr
-    after = (graph["home"] / "e2e" / "shards_decay_all" / "MANIFEST.json").stat().st_mtime_ns
+    after = (home / "e2e" / "shards_decay_all" / "MANIFEST.json").stat().st_mtime_ns
     assert after > before
     # only the selected asset ran: upstream artifacts were not touched
-    assert (graph["home"] / "e2e" / "raw_corpus" / "MANIFEST.json").stat().st_mtime_ns == raw_before
+    assert (home / "e2e" / "raw_corpus" / "MANIFEST.json").stat().st_mtime_ns == raw_before
     assert "shards_decay_cont" not in proc.stdout + proc.stderr
 
 
 @pytest.mark.slow
-def test_decay_all_plus_from_the_cli_rebuilds_exactly_the_decay_the_merge_and_the_scores(graph):
+def test_decay_all_plus_from_the_cli_rebuilds_exactly_the_decay_the_merge_and_the_scores(graph, tmp_path):
     """The README's `dagster asset materialize --select decay_all+`, run as-is from the repository root."""
-    env = cli_env(graph["home"])
-    root = graph["home"] / "e2e"
+    home = copy_home(graph, tmp_path / "home", EVERY_KEY)
+    env = cli_env(home)
+    root = home / "e2e"
     stamp = lambda key: (root / key / "MANIFEST.json").stat().st_mtime_ns  # noqa: E731
     keys = ["decay_all", "merged_model", "benchmark_scores", "decay_eng", "decay_cont", "midtrain_checkpoint",
             "shards_decay_all"]
@@ -90,7 +96,8 @@ def test_changing_tau_makes_only_that_stage_mixture_shards_and_checkpoints_stale
 
     changed = tmp_path / "e2e_tau.toml"
     changed.write_text(RECIPE.read_text().replace("tau = 0.5", "tau = 0.45"))
-    os.environ["MMBERT_PRESET"] = str(changed)
+    home = copy_home(graph, tmp_path / "home", EVERY_KEY)  # re-materialized here, not in the session graph
+    os.environ.update(MMBERT_PRESET=str(changed), MMBERT_HOME=str(home))
     try:
         defs = load_definitions()
         assert "name = \"e2e\"" in changed.read_text()
@@ -101,19 +108,19 @@ def test_changing_tau_makes_only_that_stage_mixture_shards_and_checkpoints_stale
         assert stale & DATA_KEYS == {"mixture_midtrain", "shards_midtrain"}
         assert stale & TRAINING_KEYS == {"midtrain_checkpoint"}
         stale &= DATA_KEYS
-        raw_mtime = (graph["home"] / "e2e" / "raw_corpus" / "MANIFEST.json").stat().st_mtime_ns
+        raw_mtime = (home / "e2e" / "raw_corpus" / "MANIFEST.json").stat().st_mtime_ns
         selection = [a for a in defs.assets if {k.to_user_string() for k in a.keys} & stale]
         result = materialize(selection, resources=defs.resources, instance=graph["instance"],
                              run_config=run_config(graph["corpus"]))
         assert result.success
-        mix = pl.read_parquet(graph["home"] / "e2e" / "mixture_midtrain" / "mixture.parquet")
+        mix = pl.read_parquet(home / "e2e" / "mixture_midtrain" / "mixture.parquet")
         assert mix["stage"][0] == "midtrain"
         assert materialization_count(graph["instance"], "mixture_midtrain") == 2
         assert materialization_count(graph["instance"], "language_id_model") == 1
-        assert (graph["home"] / "e2e" / "raw_corpus" / "MANIFEST.json").stat().st_mtime_ns == raw_mtime
+        assert (home / "e2e" / "raw_corpus" / "MANIFEST.json").stat().st_mtime_ns == raw_mtime
         resolver = get_stale_status_resolver(graph["instance"], list(defs.assets))
         assert {k for k in DATA_KEYS if resolver.get_status(AssetKey(k)) != StaleStatus.FRESH} == set()
         assert resolver.get_status(AssetKey("pretrain_checkpoint")) == StaleStatus.FRESH
     finally:
-        os.environ["MMBERT_PRESET"] = str(RECIPE)
+        os.environ.update(MMBERT_PRESET=str(RECIPE), MMBERT_HOME=str(graph["home"]))
         load_definitions()

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from model_helpers import SHAPE, SPECIALS, VOCAB, random_doc, reference_copy
-from mmbert_dagster.evaluate.benchmarks import mask_for_eval, masked_token_accuracy, probe_accuracy, retrieval_accuracy
+from mmbert_dagster.evaluate.metrics import mask_for_eval, masked_token_accuracy, probe_accuracy, retrieval_accuracy
 from mmbert_dagster.evaluate.encode import Encoder
 from mmbert_dagster.evaluate.report import build_report, findings
 from mmbert_dagster.evaluate.suite import eval_set, strip_header
@@ -198,7 +198,8 @@ def test_report_has_answers_tables_and_plots_inline_and_as_files():
     table = synthetic_scores(0.2, 0.49)
     mixtures = {"pretrain": pl.DataFrame({"stage": ["pretrain"] * 2, "lang": ["eng_Latn", "deu_Latn"],
                                           "share": [0.6, 0.4]})}
-    report = build_report(table, checkpoints={}, mixtures=mixtures, notes=["sst2: skipped — offline"], title="t")
+    report = build_report(table, checkpoints={}, lineage={}, mixtures=mixtures, notes=["sst2: skipped — offline"],
+                          title="t")
     assert "| mlm (accuracy) | **yes** | 0.100 → 0.200 |" in report.markdown_files
     assert "plots/mlm_by_tier.png" in report.markdown_files and "data:image/png;base64," in report.markdown_inline
     assert "sst2: skipped — offline" in report.markdown_files

@@ -11,7 +11,7 @@ from pathlib import Path  # noqa: E402
 import polars as pl  # noqa: E402
 import pytest  # noqa: E402
 
-from mmbert_dagster.data import filtering  # noqa: E402
+from mmbert_dagster.data import filtering, scripts  # noqa: E402
 from mmbert_dagster.data.filtering import FilterReport, run_filters  # noqa: E402
 from mmbert_dagster.recipe import FilterConfig  # noqa: E402
 
@@ -246,6 +246,21 @@ def test_thresholds_come_from_the_recipe(tmp_path):
     assert _drops(out) == {"en": ("gopher_quality", "gopher_short_doc")}
 
 
+def test_filters_that_drop_everything_are_explained_by_filter_reason_and_setting(tmp_path):
+    rows = [(f"d-{lang}", lang, text) for lang, text in TEXTS.items()] + [("short", "eng_Latn", TOO_SHORT)]
+    cfg = FilterConfig(min_doc_words=100_000)
+    report, _ = _run(tmp_path, rows, cfg=cfg)
+    assert report.docs_out == 0
+    why = filtering.why_nothing_kept(report, cfg, "my.toml")
+    n = len(TEXTS)
+    assert why.startswith(f"my.toml: [filters] removed all {n + 1} documents")
+    assert f"gopher_quality dropped {n} (gopher_short_doc: {n}) with min_doc_words = 100000 (x2 " in why
+    assert "before it, normalize dropped 1 (too_short: 1) with min_doc_chars = 200" in why
+    for name, kept_rows in (("some_kept", rows[:1]), ("no_input", [])):
+        (tmp_path / name).mkdir()
+        assert filtering.why_nothing_kept(_run(tmp_path / name, kept_rows)[0], FilterConfig()) is None
+
+
 def test_reruns_in_the_same_work_dir_redo_the_work(tmp_path):
     # datatrove skips tasks a reused logging folder marks complete: each call must use a fresh one
     inp = _write(tmp_path / "in.parquet", [("en", "eng_Latn", TEXTS["eng_Latn"])])
@@ -281,7 +296,7 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
 
 
 def test_word_splitting_follows_the_script():
-    tok = filtering.WORD_TOKENIZER.word_tokenize
+    tok = scripts.WORD_TOKENIZER.word_tokenize
     assert tok("Don't stop, me...") == ["Don", "'", "t", "stop", ",", "me", ".", ".", "."]
     assert tok("图书馆iPhone。") == ["图", "书", "馆", "iPhone", "。"]
     assert tok("नमस्ते दुनिया।") == ["नमस्ते", "दुनिया", "।"]

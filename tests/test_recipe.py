@@ -1,6 +1,6 @@
 import pytest
 
-from mmbert_dagster.recipe import STAGES, RecipeError, load_recipe, recipe_from_dict
+from mmbert_dagster.recipe import PAPER_STAGES, RecipeError, checkpoint_key, load_recipe, recipe_from_dict
 
 
 def tiny_dict():
@@ -14,7 +14,11 @@ def tiny_dict():
 def test_every_preset_loads_with_all_stages(preset):
     recipe = load_recipe(preset)
     assert recipe.name == preset
-    assert tuple(recipe.stages) == STAGES
+    assert tuple(recipe.stages) == PAPER_STAGES
+    assert recipe.lineage() == {"pretrain_checkpoint": None, "midtrain_checkpoint": "pretrain_checkpoint",
+                                "decay_eng": "midtrain_checkpoint", "decay_cont": "midtrain_checkpoint",
+                                "decay_all": "midtrain_checkpoint"}
+    assert recipe.merge_base == "midtrain" and recipe.data_stages == list(PAPER_STAGES)
 
 
 def test_stages_inherit_from_the_stage_they_extend():
@@ -71,8 +75,8 @@ def test_missing_and_unknown_fields_are_named():
     with pytest.raises(RecipeError, match=r"stages\.midtrain: unknown field\(s\) \['temperature'\]"):
         recipe_from_dict(d, "my.toml")
     d = tiny_dict()
-    del d["stages"]["decay_all"]
-    with pytest.raises(RecipeError, match=r"missing stage\(s\) \['decay_all'\]"):
+    del d["stages"]["decay_all"]  # the merge still names it
+    with pytest.raises(RecipeError, match=r"\[merge\]\.weights: unknown stage\(s\) \['decay_all'\]"):
         recipe_from_dict(d, "my.toml")
 
 
@@ -103,3 +107,72 @@ def test_section_hash_changes_only_with_its_section():
     assert a.section_hash("stages.midtrain.tau") != b.section_hash("stages.midtrain.tau")
     assert a.section_hash("stages.pretrain") == b.section_hash("stages.pretrain")
     assert a.section_hash("lid") == b.section_hash("lid")
+
+
+def test_checkpoint_keys_of_the_paper_stages_are_fixed():
+    assert [checkpoint_key(s) for s in PAPER_STAGES] == [
+        "pretrain_checkpoint", "midtrain_checkpoint", "decay_eng", "decay_cont", "decay_all"]
+    assert checkpoint_key("decay_all_mask30") == "decay_all_mask30"
+    assert checkpoint_key("pretrain_fixed_tau") == "pretrain_fixed_tau_checkpoint"
+
+
+def test_an_added_stage_extends_another_and_can_reuse_its_data():
+    d = tiny_dict()
+    d["stages"]["decay_all_mask30"] = {"extends": "decay_all", "mask_rate": 0.30, "data_from": "decay_all"}
+    r = recipe_from_dict(d, "my.toml")
+    s = r.stage("decay_all_mask30")
+    assert s.mask_rate == 0.30 and s.init_from == "midtrain" and s.languages == "all"
+    assert r.data_stage("decay_all_mask30") == "decay_all" and "decay_all_mask30" not in r.data_stages
+    assert r.lineage()["decay_all_mask30"] == "midtrain_checkpoint"
+
+
+@pytest.mark.parametrize("change, field, message", [
+    ({"init_from": "decay_all_x"}, "init_from", "must name an earlier stage"),
+    ({"init_from": "nowhere"}, "init_from", "must name an earlier stage"),
+    ({"data_from": "decay_all", "tau": 0.5}, "tau", "differs from stages.decay_all.tau = 0.3"),
+    ({"data_from": "nowhere"}, "data_from", "must name another stage"),
+    ({"extends": "nowhere"}, "extends", "unknown stage 'nowhere'"),
+])
+def test_stage_graph_errors_name_the_field(change, field, message):
+    d = tiny_dict()
+    d["stages"]["decay_all_x"] = {"extends": "decay_all", **change}
+    with pytest.raises(RecipeError, match=rf"stages\.decay_all_x\.{field}.*{message}"):
+        recipe_from_dict(d, "my.toml")
+
+
+def test_stage_names_that_clash_with_other_asset_keys_are_refused():
+    d = tiny_dict()
+    d["stages"]["a_checkpoint"] = {"extends": "pretrain"}  # its mixture: mixture_a_checkpoint
+    d["stages"]["mixture_a"] = {"extends": "pretrain"}  # its checkpoint: mixture_a_checkpoint
+    with pytest.raises(RecipeError, match=r"clashing asset keys \['mixture_a_checkpoint'\]"):
+        recipe_from_dict(d, "my.toml")
+    d["stages"]["Decay-Eng"] = d["stages"].pop("mixture_a")
+    with pytest.raises(RecipeError, match=r"stages\.Decay-Eng: a stage name is lower-case"):
+        recipe_from_dict(d, "my.toml")
+
+
+def test_merged_stages_must_continue_from_one_checkpoint():
+    d = tiny_dict()
+    d["merge"]["weights"] = {"decay_all": 1.0, "midtrain": 1.0}
+    with pytest.raises(RecipeError, match=r"\[merge\]\.weights: the merged stages must continue from one stage"):
+        recipe_from_dict(d, "my.toml")
+
+
+@pytest.mark.parametrize("change, field, message", [
+    ({"heads": 3}, "heads", "hidden = 256 is not a multiple of heads = 3"),
+    ({"hidden": 12, "heads": 4, "intermediate": 16}, "heads", "hidden / heads = 3 must be even"),
+    ({"local_window": 127}, "local_window", "must be even"),
+    ({"layers": 0}, "layers", "must be a positive integer"),
+])
+def test_model_shapes_modernbert_cannot_build_are_refused(change, field, message):
+    d = tiny_dict()
+    d["model"].update(change)
+    with pytest.raises(RecipeError, match=rf"\[model\]\.{field}: .*{message}"):
+        recipe_from_dict(d, "my.toml")
+
+
+def test_a_negative_peak_learning_rate_is_named_as_lr_peak():
+    d = tiny_dict()
+    d["stages"]["base"]["lr_peak"] = -1e-3
+    with pytest.raises(RecipeError, match=r"stages\.pretrain\.lr_peak: must be > 0, got -0\.001"):
+        recipe_from_dict(d, "my.toml")

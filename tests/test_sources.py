@@ -39,6 +39,25 @@ def test_bad_records_are_skipped_and_counted_when_asked(tmp_path):
     assert any("mixed.jsonl:2" in line for line in logged)
 
 
+def test_lone_surrogate_escape_is_an_error_naming_file_line_and_field(tmp_path):
+    f = tmp_path / "surrogate.jsonl"
+    # valid JSON (six characters \ud800 in the file), but the decoded string is not Unicode text
+    f.write_text(json.dumps({"text": TEXT}) + "\n" + '{"text": "ok", "lang": "x\\ud800y"}\n')
+    assert "\\ud800" in f.read_text()
+    with pytest.raises(SourceError, match=r"surrogate\.jsonl:2: field 'lang' holds a lone surrogate \\ud800"):
+        list(iter_local_files([str(f)], lang_field="lang"))
+    skips = SkipCounter()
+    docs = list(iter_local_files([str(f)], lang_field="lang", on_bad_record="skip", skips=skips, log=lambda _: None))
+    assert [d["text"] for d in docs] == [TEXT] and sum(skips.counts.values()) == 1
+    write_raw_corpus(iter(docs), tmp_path / "raw", log=lambda _: None)  # what is left encodes as UTF-8
+
+
+def test_surrogate_pairs_are_one_character_and_kept(tmp_path):
+    f = tmp_path / "emoji.jsonl"
+    f.write_text('{"text": "smile \\ud83d\\ude00 twice"}\n')
+    assert [d["text"] for d in iter_local_files([str(f)])] == ["smile \U0001F600 twice"]
+
+
 def test_invalid_utf8_is_an_error_naming_the_file(tmp_path):
     f = tmp_path / "latin1.txt"
     f.write_bytes("Grüße".encode("latin-1"))

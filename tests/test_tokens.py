@@ -123,6 +123,7 @@ def test_tokenizer_sample_caps_bytes_per_language_and_is_deterministic(corpus):
     a = list(sample_for_tokenizer(corpus, cfg, seed=3))
     assert a == list(sample_for_tokenizer(corpus, cfg, seed=3))
     assert a != list(sample_for_tokenizer(corpus, cfg, seed=4))
+    assert a == list(sample_for_tokenizer(corpus.sample(fraction=1.0, shuffle=True, seed=5), cfg, seed=3))
     per_lang = Counter()
     for lang, text in a:
         per_lang[lang] += len(text.encode())
@@ -222,6 +223,9 @@ def test_shards_folder_holds_datatrove_files_and_summaries(shards):
     names = sorted(p.name for p in shards.iterdir())
     for f in info["files"]:
         assert f["name"] in names and f["index"] in names
+        # datatrove names the tokenizer by its absolute path; the folder must not depend on the artifact root
+        assert (shards / f"{f['name']}.metadata").read_text().startswith("tokenizer/tokenizer.json|2\n")
+    assert str(shards.parent.parent) not in (shards / "shards.json").read_text()
     assert not [n for n in names if "log" in n or n.startswith(".")]  # no datatrove logging/scratch left
     per_lang = pl.read_parquet(shards / "tokens_per_language.parquet")
     assert per_lang.columns[:4] == ["lang", "docs", "tokens", "share"]

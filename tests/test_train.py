@@ -8,6 +8,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import dataclasses
 import json
+import re
 import shutil
 from itertools import pairwise
 from pathlib import Path
@@ -20,7 +21,8 @@ from mmbert_dagster.data.shards import ShardError
 from mmbert_dagster.data.tokenizer import train_tokenizer
 from mmbert_dagster.recipe import Stage, TokenizerConfig
 from mmbert_dagster.train.attention import ATTN_NAME
-from mmbert_dagster.train.checkpoint import CheckpointError
+from mmbert_dagster.train.checkpoint import CheckpointError, read_state
+from mmbert_dagster.train.inputs import TokenizerMismatch
 from mmbert_dagster.train.loop import run_stage
 from mmbert_dagster.train.masking import mask_batch, mask_tokens, micro_batch_generator
 from mmbert_dagster.train.model import build_model, context_of, extend_context, load_model
@@ -338,7 +340,7 @@ def test_stop_at_step_k_then_resume_equals_uninterrupted_run(uninterrupted, data
     stopped = train(data, "resumed", checkpoint_every=2, max_steps=3)  # "killed" after step 3, checkpoint at 2
     assert stopped["interrupted"] and stopped["steps"] == 3
     assert not (data["root"] / "resumed/out/model.safetensors").exists()
-    state = json.loads((data["root"] / "resumed/state/trainer_state/state.json").read_text())
+    state = read_state(data["root"] / "resumed/state")
     assert state["step"] == 2 and (state["positions"][0]["doc"], state["positions"][0]["piece"]) > (0, 0)
     resumed = train(data, "resumed", heldout_texts=data["heldout"], checkpoint_every=2)
     assert resumed["resumed_from"] == 2 and resumed["steps"] == 5
@@ -361,20 +363,40 @@ def test_corrupted_or_foreign_checkpoint_is_refused(uninterrupted, data):
     shutil.copytree(data["root"] / "full/state", folder / "state")
     with pytest.raises(CheckpointError, match="seed"):
         train(data, "bad", seed=1)
+    with pytest.raises(CheckpointError, match="stage.shuffle_window_docs: checkpoint 64, this run 8"):
+        train(data, "bad", stage=dataclasses.replace(STAGE, shuffle_window_docs=8))
     opt = folder / "state/trainer_state/optimizer.pt"
     opt.write_bytes(opt.read_bytes()[:-10] + b"0123456789")
     with pytest.raises(CheckpointError, match="optimizer.pt"):
         train(data, "bad")
 
 
-def test_a_tokenizer_other_than_the_shards_one_is_refused(data):
-    other = data["root"] / "other_tokenizer"
+@pytest.fixture(scope="module")
+def other_tokenizer(data) -> Path:
+    folder = data["root"] / "other_tokenizer"
     rows = [("eng_Latn", " ".join(WORDS[::-1]) * 3)] * 20
-    train_tokenizer(rows, other, TokenizerConfig(vocab_size=VOCAB - 64, sample_bytes_per_lang=50_000,
-                                                 min_frequency=1), log=QUIET)
+    train_tokenizer(rows, folder, TokenizerConfig(vocab_size=VOCAB - 64, sample_bytes_per_lang=50_000,
+                                                  min_frequency=1), log=QUIET)
+    return folder
+
+
+def test_a_tokenizer_other_than_the_shards_one_is_refused(data, other_tokenizer):
     with pytest.raises(ShardError, match=r"another tokenizer than .*other_tokenizer/tokenizer.json.*vocabulary"):
-        train(data, "wrong_tokenizer", tokenizer_dir=other)
+        train(data, "wrong_tokenizer", tokenizer_dir=other_tokenizer)
     assert not (data["root"] / "wrong_tokenizer" / "out").exists()
+
+
+def test_an_init_checkpoint_of_another_tokenizer_is_refused_before_the_first_step(uninterrupted, data,
+                                                                                  other_tokenizer):
+    """A decay continuing a mid-training checkpoint made before the tokenizer changed: the shards match the
+    stage's tokenizer, the checkpoint does not (its token ids mean other words)."""
+    old = data["root"] / "old_checkpoint"
+    shutil.copytree(data["root"] / "full/out", old)
+    shutil.copy2(other_tokenizer / "tokenizer.json", old / "tokenizer.json")
+    mine, theirs = old / "tokenizer.json", data["tokenizer"] / "tokenizer.json"
+    with pytest.raises(TokenizerMismatch, match=rf"{re.escape(str(mine))}.*{re.escape(str(theirs))}"):
+        train(data, "old_init", init_from=old)
+    assert not (data["root"] / "old_init").exists()  # no step, no checkpoint, no output
 
 
 def test_output_folder_loads_with_automodel_and_fill_mask_pipeline_offline(uninterrupted, data):
@@ -413,6 +435,48 @@ def test_next_stage_continues_from_previous_with_context_extension(uninterrupted
     assert cfg["rope_parameters"]["sliding_attention"]["rope_theta"] == 10_000.0
 
 
+def test_train_checkpoint_writes_the_checkpoint_folder_and_resumes_only_on_the_same_inputs(uninterrupted, data,
+                                                                                            tmp_path):
+    from mmbert_dagster.artifacts import write_manifest
+    from mmbert_dagster.train import export
+    from mmbert_dagster.train.stage_run import TrainSettings, discard_work_dir, prepare_work_dir, train_checkpoint
+
+    def artifact(name: str, content: str) -> Path:
+        folder = tmp_path / name
+        folder.mkdir(exist_ok=True)
+        (folder / "file").write_text(content)
+        write_manifest(folder)
+        return folder
+
+    upstream = {"shards_pretrain": artifact("shards_pretrain", "a"), "tokenizer": artifact("tokenizer", "b")}
+    work, out = tmp_path / "work", tmp_path / "out"
+    work.mkdir()
+    export.write_inputs(work, {"shards_pretrain": "another run's"})
+    out.mkdir()
+    lines = []
+    result = train_checkpoint(STAGE, SHAPE, shards_dir=data["shards"], tokenizer_dir=data["tokenizer"],
+                              init_from=None, upstream=upstream, out_dir=out, work_dir=work,
+                              heldout_texts=data["heldout"], seed=0,
+                              settings=TrainSettings(device="cpu", micro_batch_tokens=512), log=lines.append)
+    assert any("discarding resume state" in line for line in lines)
+    assert (work / "trainer_state").is_dir()  # kept until the caller has committed `out`
+    discard_work_dir(work)
+    assert not work.exists()
+    assert result.metrics == export.read_summary(out) and result.metrics["steps"] == 5
+    assert export.read_inputs(out) == result.inputs and set(result.inputs) == set(upstream)
+    assert export.read_probes(out) == result.probes and result.probes
+    assert read_state(out)["step"] == 5 and (out / "logs/metrics.jsonl").is_file()
+    a, b = weights(out), weights(data["root"] / "full/out")  # the same stage and seed as run_stage alone
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+    # resume state: kept for the same upstream artifacts, discarded once one of them changed
+    inputs = prepare_work_dir(work, upstream, QUIET)
+    (work / "trainer_state").mkdir()
+    assert prepare_work_dir(work, upstream, QUIET) == inputs and (work / "trainer_state").is_dir()
+    artifact("tokenizer", "c")
+    assert prepare_work_dir(work, upstream, QUIET) != inputs and not (work / "trainer_state").exists()
+
+
 def _gloo_available() -> bool:
     import torch.distributed as dist
 
@@ -429,9 +493,10 @@ def test_two_process_torchrun_gloo_step(data):
     lines = []
     m = run_stage_distributed(stage, SHAPE, 2, log=lines.append, shards_dir=data["shards"],
                               tokenizer_dir=data["tokenizer"], out_dir=folder / "out", state_dir=folder / "state",
-                              seed=0, device="cpu", micro_batch_tokens=512, checkpoint_every=1)
-    assert m["world"] == 2 and m["steps"] == 2 and m["accum"] == 1 and np.isfinite(m["final_loss"])
-    state = json.loads((folder / "state/trainer_state/state.json").read_text())
+                              seed=0, device="cpu", micro_batch_tokens=256, checkpoint_every=1)
+    # 2 micro-batches per rank: DDP accumulates the first under no_sync and averages at the second
+    assert m["world"] == 2 and m["steps"] == 2 and m["accum"] == 2 and np.isfinite(m["final_loss"])
+    state = read_state(folder / "state")
     assert [p["doc"] % 2 for p in state["positions"]] == [0, 1]  # each rank its own slice
     assert (folder / "out/model.safetensors").is_file()
     assert any("step 2/2" in line for line in lines)

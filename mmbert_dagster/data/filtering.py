@@ -15,31 +15,10 @@ datatrove's reason code):
    ``near_duplicate``. A last safety net (step ``exact_dedup``) removes exact duplicates too short to have a
    single MinHash shingle.
 
-Word splitting. datatrove's filters split words with a per-language tokenizer (``language=`` →
-``load_word_tokenizer``). Offline, none of them works with this project's dependencies: the spaCy-, IndicNLP-,
-pythainlp- and Kiwi-backed ones need packages that are not installed, NLTK needs downloaded punkt data, stanza
-downloads models, and even datatrove's ``WhitespaceTokenizer`` goes through spaCy. spaCy is also far too slow
-for this budget (measured 0.07–0.4 MB/s of text; jieba 0.02 MB/s). So every document goes through
-:class:`ScriptAwareWordTokenizer`, a regex splitter (3–10 MB/s) whose unit depends on each character's script:
-one token per character for Han/Kana/Bopomofo/Yi, one per letter with its combining marks for the unspaced
-abugidas (Thai, Lao, Khmer, Myanmar, Tibetan, ...), and runs of letters, marks and digits for every spaced script;
-punctuation and symbols are tokens of their own (as with spaCy, which the thresholds were tuned with).
-
-Script profiles. Thresholds that assume spaced, alphabetic words (average word length 3–10 characters, English
-stop words, 30-character "short lines", terminal punctuation at line ends) would drop every normal Chinese, Thai
-or Korean document, so each document gets a profile from its declared script (or, for ``und``, unknown codes and
-scripts not listed here, from the letters of its text), and :class:`PerProfileFilter` sends it to a datatrove filter
-instance configured for that profile:
-
-- ``english`` (``eng_*``): Gopher as published, including its stop-word check (English stop words);
-- ``alphabetic`` (Latin, Cyrillic, Greek, Armenian, Georgian): Gopher without the stop-word check, average word
-  length 2–15 characters instead of 3–10 (Vietnamese averages ~3.3, Greenlandic over 10);
-- ``spaced`` (every other spaced script: Arabic, Hebrew, Devanagari, Ethiopic, Hangul, ...): no minimum average
-  word length (syllabic scripts have short words), maximum 20 characters;
-- ``dense`` (Han, Kana, ...; one token per character): no average-word-length bounds, word-count bounds doubled
-  (≈ characters per word), repetition n-grams doubled in length, "short line" = 10 characters;
-- ``unspaced`` (Thai, Lao, Khmer, ...; one token per letter): as ``dense``, minus the terminal-punctuation check
-  (Thai and Lao end sentences without punctuation).
+Word splitting and script profiles (``data/scripts.py``): every document goes through a regex word splitter
+whose unit follows each character's script (datatrove's own word tokenizers need models or downloads offline), and
+gets a *script profile* — english, alphabetic, spaced, dense, unspaced — whose datatrove filter instance
+(:class:`PerProfileFilter`) has thresholds that fit the script.
 
 Outputs in ``out_dir``: ``docs.parquet`` (surviving documents, input columns, sorted by ``doc_id``, zstd),
 ``drops.parquet`` (one row per dropped document: ``doc_id, declared_lang, step, reason, bytes``) and
@@ -59,11 +38,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import signal
 import shutil
-import subprocess
-import sys
 import time
 import unicodedata
 import uuid
@@ -91,8 +67,9 @@ from datatrove.pipeline.formatters import FTFYFormatter
 from datatrove.pipeline.formatters.base import BaseFormatter
 from datatrove.pipeline.writers import ParquetWriter
 from datatrove.utils.text import TextNormConfig
-from datatrove.utils.word_tokenizers import WhitespaceTokenizer
 
+from mmbert_dagster.child import messages_only, python_command, run_child, say
+from mmbert_dagster.data.scripts import PROFILES, WORD_TOKENIZER, script_profile
 from mmbert_dagster.recipe import FilterConfig
 
 INPUT_COLUMNS = ("doc_id", "source", "declared_lang", "text")
@@ -113,6 +90,32 @@ _DROP_SCHEMA = pa.schema([("doc_id", pa.string()), ("declared_lang", pa.string()
                           ("reason", pa.string()), ("bytes", pa.int64())])
 
 
+# The [filters] settings behind each step's drops, and behind the datatrove reason codes they cause. Thresholds
+# not listed here are fixed per script profile (_gopher_quality, _fineweb_quality, _gopher_repetition).
+STEP_SETTINGS = {
+    "normalize": ("min_doc_chars",),
+    "fineweb_quality": (),
+    "gopher_quality": ("min_doc_words", "max_doc_words", "max_symbol_word_ratio", "max_non_alpha_words_ratio"),
+    "gopher_repetition": ("max_duplicate_line_fraction",),
+    "minhash_dedup": ("minhash_ngram", "minhash_buckets", "minhash_hashes_per_bucket"),
+    "exact_dedup": (),
+}
+REASON_SETTINGS = {
+    "too_short": ("min_doc_chars",),
+    "gopher_short_doc": ("min_doc_words",),
+    "gopher_long_doc": ("max_doc_words",),
+    "gopher_too_many_hashes": ("max_symbol_word_ratio",),
+    "gopher_too_many_ellipsis": ("max_symbol_word_ratio",),
+    "gopher_below_alpha_threshold": ("max_non_alpha_words_ratio",),
+    "dup_line_frac": ("max_duplicate_line_fraction",),
+}
+_DOUBLED = {"min_doc_words", "max_doc_words"}  # x2 for dense and unspaced scripts (tokens are characters there)
+
+
+class FilterError(ValueError):
+    """Filter settings that leave nothing to train on; the message names the filter and its settings."""
+
+
 @dataclass
 class FilterReport:
     docs_in: int
@@ -124,82 +127,7 @@ class FilterReport:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Word splitting and script profiles
-
-# Scripts written without spaces between words. "Dense": one character ≈ one syllable or morpheme → one token per
-# character. "Unspaced": abugidas whose vowel signs are combining marks → one token per letter + its marks.
-_DENSE_CLASS = r"\p{Han}\p{Hiragana}\p{Katakana}\p{Bopomofo}\p{Yi}"
-_UNSPACED_CLASS = (r"\p{Thai}\p{Lao}\p{Khmer}\p{Myanmar}\p{Tibetan}\p{Balinese}\p{Javanese}\p{Tai_Tham}"
-                   r"\p{Tai_Le}\p{New_Tai_Lue}\p{Tai_Viet}")
-_ALPHABETIC_CLASS = r"\p{Latin}\p{Cyrillic}\p{Greek}\p{Armenian}\p{Georgian}"
-# Spaced scripts: a word is a run of letters, marks, digits and ZWNJ/ZWJ (Persian, Indic); every other visible
-# character is a token of its own (like spaCy, "don't" → don ' t). ZWSP and BOM are separators.
-_WORD_CLASS = r"\p{L}\p{M}\p{N}\u200c\u200d"
-_OTHER = rf"[^\s{_WORD_CLASS}\u200b\ufeff]"
-_SPACED_TOKEN = regex.compile(rf"[{_WORD_CLASS}]+|{_OTHER}")
-# Text with unspaced-script characters: those come first, and a word never runs into them ("iPhone手机").
-_MIXED_TOKEN = regex.compile(
-    rf"[{_DENSE_CLASS}]"  # one token per Han/Kana character
-    rf"|[{_UNSPACED_CLASS}]\p{{M}}*"  # one token per Thai/Lao/Khmer/... letter with its combining marks
-    rf"|(?:(?![{_DENSE_CLASS}{_UNSPACED_CLASS}])[{_WORD_CLASS}])+|{_OTHER}"
-)
-_HAS_UNSPACED = regex.compile(rf"[{_DENSE_CLASS}{_UNSPACED_CLASS}]")
-_LETTER_CLASSES = {
-    "dense": regex.compile(rf"[{_DENSE_CLASS}]"),
-    "unspaced": regex.compile(rf"[{_UNSPACED_CLASS}]"),
-    "alphabetic": regex.compile(rf"[{_ALPHABETIC_CLASS}]"),
-    "letter": regex.compile(r"\p{L}"),
-}
-
-DENSE_SCRIPTS = frozenset({"Hani", "Hans", "Hant", "Jpan", "Hira", "Kana", "Hrkt", "Bopo", "Yiii"})
-UNSPACED_SCRIPTS = frozenset({"Thai", "Laoo", "Khmr", "Mymr", "Tibt", "Bali", "Java", "Lana", "Tale", "Talu", "Tavt"})
-ALPHABETIC_SCRIPTS = frozenset({"Latn", "Cyrl", "Grek", "Armn", "Geor"})
-SPACED_SCRIPTS = frozenset({"Arab", "Hebr", "Deva", "Beng", "Guru", "Gujr", "Orya", "Taml", "Telu", "Knda", "Mlym",
-                            "Sinh", "Ethi", "Hang", "Kore", "Syrc", "Thaa", "Tfng", "Cans", "Cher", "Olck", "Mtei"})
-PROFILES = ("english", "alphabetic", "spaced", "dense", "unspaced")
-
-
-class ScriptAwareWordTokenizer(WhitespaceTokenizer):
-    """datatrove ``WordTokenizer`` that needs no model, no download and no language: the unit of a token follows
-    each character's script (see the module docstring). Sentence splitting is datatrove's own regex (inherited
-    from ``WhitespaceTokenizer``, which only needs spaCy for words)."""
-
-    def word_tokenize(self, text: str) -> list[str]:
-        # the plain pattern is ~2x faster; most text has no unspaced-script character at all
-        return (_MIXED_TOKEN if _HAS_UNSPACED.search(text) else _SPACED_TOKEN).findall(text)
-
-
-WORD_TOKENIZER = ScriptAwareWordTokenizer()
-
-
-def detect_profile(text: str) -> str:
-    """The script profile of a text from its letters (first 4,000 characters): for ``und`` and unknown codes."""
-    sample = text[:4000]
-    counts = {k: len(p.findall(sample)) for k, p in _LETTER_CLASSES.items()}
-    letters = max(counts["letter"], 1)
-    if counts["dense"] / letters >= 0.3:  # Japanese and Chinese often carry Latin words: CJK still needs char tokens
-        return "dense"
-    if counts["unspaced"] / letters >= 0.3:
-        return "unspaced"
-    if counts["alphabetic"] / letters >= 0.5:
-        return "alphabetic"
-    return "spaced"
-
-
-def script_profile(declared_lang: str | None, text: str) -> str:
-    """The filter profile of a document: from the script of its declared ``lang_Scrp`` code, else from its text."""
-    lang, _, script = (declared_lang or "und").partition("_")
-    if script in DENSE_SCRIPTS:
-        return "dense"
-    if script in UNSPACED_SCRIPTS:
-        return "unspaced"
-    if script in ALPHABETIC_SCRIPTS:
-        return "english" if lang == "eng" else "alphabetic"
-    if script in SPACED_SCRIPTS:
-        return "spaced"
-    profile = detect_profile(text)  # und, Zzzz/Zyyy, malformed or unlisted codes
-    return "english" if lang == "eng" and profile == "alphabetic" else profile
-
+# datatrove filters per script profile (word splitting and profiles: data/scripts.py)
 
 def _gopher_quality(cfg: FilterConfig, profile: str) -> GopherQualityFilter:
     scale = 2 if profile in ("dense", "unspaced") else 1  # tokens are characters there: ≈ 2 per word
@@ -484,28 +412,15 @@ def _subprocess_main(spec_path: str) -> None:
     # them (seen: MinHash stage 1 done, the pool's terminate() hung). Workers forked from here get the default.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     spec = json.loads(Path(spec_path).read_text())
-    seconds = _run_datatrove(spec, lambda msg: print(msg, flush=True))
+    seconds = _run_datatrove(spec, say)
     (Path(spec["run_dir"]) / "seconds.json").write_text(json.dumps(seconds))
 
 
 def _run_in_subprocess(spec: dict, log: Callable[[str], None]) -> dict[str, float]:
     run = Path(spec["run_dir"])
     (run / "spec.json").write_text(json.dumps(spec))
-    code = "import sys; from mmbert_dagster.data.filtering import _subprocess_main; _subprocess_main(sys.argv[1])"
-    with open(run / "subprocess.log", "w") as err:
-        package_root = str(Path(__file__).resolve().parents[2])  # importable even without an installed package
-        pythonpath = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": pythonpath}
-        proc = subprocess.Popen([sys.executable, "-c", code, str(run / "spec.json")], stdout=subprocess.PIPE,
-                                stderr=err, text=True, env=env)
-        for line in proc.stdout:
-            log(line.rstrip("\n"))
-        rc = proc.wait()
-    if rc != 0:
-        tail = "\n".join((run / "subprocess.log").read_text(errors="replace").splitlines()[-30:])
-        raise RuntimeError(
-            f"datatrove filtering failed in its worker process (exit {rc}); log {run}/subprocess.log:\n{tail}"
-        )
+    run_child(python_command("mmbert_dagster.data.filtering:_subprocess_main", str(run / "spec.json")),
+              what="datatrove filtering", log=log, show=messages_only, log_file=run / "subprocess.log")
     return json.loads((run / "seconds.json").read_text())
 
 
@@ -609,7 +524,7 @@ def run_filters(
             f"filter bookkeeping mismatch: {totals['docs']} in, {docs_out.height} out, "
             f"but {drops.height} drops recorded"
         )
-    docs_out.write_parquet(out_dir / "docs.parquet", compression="zstd")
+    docs_out.write_parquet(out_dir / DOCS_FILE, compression="zstd")
     drops.write_parquet(out_dir / "drops.parquet", compression="zstd")
     counts.write_parquet(out_dir / "drop_counts.parquet", compression="zstd")
     seconds["collect"] = round(time.perf_counter() - t0, 3)
@@ -622,3 +537,61 @@ def run_filters(
     for sub in ("filtered", "kept", "excluded", "minhash"):  # the datatrove logs stay for inspection
         shutil.rmtree(run / sub, ignore_errors=True)
     return report
+
+
+def why_nothing_kept(report: FilterReport, cfg: FilterConfig, recipe_file: str = "recipe") -> str | None:
+    """Why the filters kept no document — which filter removed the last ones, with which reasons and ``[filters]``
+    settings — or None when some document survived (or there was no input: nothing was removed)."""
+    if report.docs_out or not report.docs_in:
+        return None
+    per_step = report.drops.group_by("step", "reason").agg(pl.col("docs").sum())
+    steps = [step for step in STEPS if step in set(per_step["step"])]
+
+    def describe(step: str) -> str:
+        rows = per_step.filter(pl.col("step") == step).sort("docs", "reason", descending=[True, False])
+        reasons = ", ".join(f"{r or 'no reason'}: {n}" for r, n in rows.select("reason", "docs").iter_rows())
+        named = [f for r in rows["reason"] for f in REASON_SETTINGS.get(r, ())] or list(STEP_SETTINGS[step])
+        settings = ", ".join(
+            f"{f} = {getattr(cfg, f)}" + (" (x2 for dense/unspaced scripts)" if f in _DOUBLED else "")
+            for f in dict.fromkeys(named)
+        )
+        how = f"with {settings}" if settings else f"by thresholds fixed per script profile in {__name__}"
+        return f"{step} dropped {int(rows['docs'].sum())} ({reasons}) {how}"
+
+    last, earlier = steps[-1], steps[:-1]
+    message = (f"{recipe_file}: [filters] removed all {report.docs_in} documents, nothing is left to train on: "
+               f"{describe(last)}")
+    if earlier:
+        message += "; before it, " + "; ".join(describe(step) for step in earlier)
+    return message + f". Loosen [filters] in {recipe_file}."
+
+
+DOCS_FILE = "docs.parquet"  # in filtered_corpus: the kept documents (doc_id, source, declared_lang, text)
+
+
+def filter_corpus(raw_corpus_dir: Path, out_dir: Path, cfg: FilterConfig, work_dir: Path, *, workers: int = 1,
+                  recipe_file: str = "recipe", log: Callable[[str], None] = print) -> FilterReport:
+    """The filtered_corpus artifact: :func:`run_filters` on a raw_corpus artifact's documents, refused with a
+    ``FilterError`` naming filter and settings when it keeps nothing (before the caller commits the folder)."""
+    from mmbert_dagster.data.sources import raw_docs_files
+
+    report = run_filters(raw_docs_files(raw_corpus_dir), out_dir, cfg, work_dir, workers=workers, log=log)
+    problem = why_nothing_kept(report, cfg, recipe_file)
+    if problem:
+        raise FilterError(problem)
+    return report
+
+
+def docs_files(filtered_corpus_dir: Path) -> list[Path]:
+    """The document parquet files of a filtered_corpus artifact."""
+    return [Path(filtered_corpus_dir) / DOCS_FILE]
+
+
+def drops_summary(report: FilterReport) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """``(docs and bytes dropped per step and reason, docs dropped per language x step)``, largest first."""
+    by_step = report.drops.group_by("step", "reason").agg(pl.col("docs").sum(), pl.col("bytes").sum()).sort(
+        ["docs", "step", "reason"], descending=[True, False, False])
+    by_lang = report.drops.pivot(on="step", index="declared_lang", values="docs", aggregate_function="sum").fill_null(0)
+    by_lang = by_lang.with_columns(total=pl.sum_horizontal(pl.exclude("declared_lang"))).sort(
+        ["total", "declared_lang"], descending=[True, False])
+    return by_step, by_lang

@@ -11,7 +11,6 @@ import hashlib
 import json
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from mmbert_dagster.child import ChildProcessFailed, python_command, run_child
 from mmbert_dagster.recipe import LanguageIdConfig
 
 LABEL = "__label__"
@@ -155,24 +155,22 @@ def train_model(train: list[tuple[str, str]], out_path: Path, cfg: LanguageIdCon
 # model passing 2 languages), while the same data in a fresh process reaches 0.93 held-out accuracy; whether it
 # happens depends on what the process allocated before (one extra polars query made it go away) — the signature
 # of reading uninitialized memory. A fresh interpreter per training costs ~1 s.
-_TRAIN_CHILD = """
-import json, sys
-import fasttext
-params = json.loads(sys.argv[1])
-try:
-    fasttext.train_supervised(**params).save_model(sys.argv[2])
-except RuntimeError as e:
-    sys.exit(f"fastText: {e}")
-"""
+def _train_child(params_json: str, out: str) -> None:
+    """In the fresh interpreter: train fastText with ``params`` and save the model to ``out``."""
+    try:
+        _load_fasttext().train_supervised(**json.loads(params_json)).save_model(out)
+    except RuntimeError as e:
+        sys.exit(f"fastText: {e}")
 
 
 def _train_in_fresh_process(params: dict, out: Path) -> str | None:
     """Train in a new interpreter and save to ``out``; the error message, or None on success."""
-    proc = subprocess.run([sys.executable, "-c", _TRAIN_CHILD, json.dumps(params), str(out)],
-                          capture_output=True, text=True)
-    if proc.returncode == 0 and out.is_file():
-        return None
-    return (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+    try:
+        run_child(python_command("mmbert_dagster.data.langid:_train_child", json.dumps(params), str(out)),
+                  what="fastText training", show=lambda line: None)
+    except ChildProcessFailed as e:
+        return (e.tail.strip().splitlines() or [f"exit code {e.returncode}"])[-1]
+    return None if out.is_file() else "fastText wrote no model file"
 
 
 def _collapsed(model, held: list[tuple[str, str]] | None, floor: float) -> str | None:
@@ -298,3 +296,78 @@ def install_user_model(path: str, out_path: Path) -> None:
     """Copy a user-supplied fastText model (e.g. GlotLID's model.bin) into the artifact folder."""
     load_model(path)  # fails fast with a clear message if it is not a fastText model
     shutil.copyfile(Path(path).expanduser(), out_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The two artifacts: language_id_model (model + thresholds + report) and language_id_table (labels per document)
+
+MODEL_FILE = "model.bin"
+THRESHOLDS_FILE = "thresholds.parquet"
+REPORT_FILE = "report.json"
+TABLE_FILE = "language_id.parquet"
+AGREEMENT_FILE = "agreement.parquet"
+
+
+def build_model(docs: pl.LazyFrame, out_dir: Path, cfg: LanguageIdConfig, seed: int, *, user_model: str = "",
+                log: Callable[[str], None] = print, warn: Callable[[str], None] = print) -> dict:
+    """The language_id_model artifact in ``out_dir``: a fastText model trained on the declared languages of
+    ``docs`` (doc_id, declared_lang, text), or ``user_model`` (e.g. GlotLID), with per-language thresholds
+    calibrated on held-out chunks. Returns the report (+ ``train_seconds``, not written: it varies per run)."""
+    train, held = split_labelled(docs, cfg)  # streams the documents
+    out_dir = Path(out_dir)
+    if user_model:
+        log(f"using the user-supplied language ID model {user_model}")
+        install_user_model(user_model, out_dir / MODEL_FILE)
+        seconds = 0.0
+    else:
+        log(f"training fastText on {len(train)} chunks in {len({lang for lang, _ in train})} languages")
+        seconds = train_model(train, out_dir / MODEL_FILE, cfg, seed, held=held, log=warn)
+    model = load_model(out_dir / MODEL_FILE)
+    thresholds, summary = calibrate(model, held, cfg)
+    thresholds.write_parquet(out_dir / THRESHOLDS_FILE)
+    summary.update(labels=len(model.get_labels()), train_chunks=len(train))
+    (out_dir / REPORT_FILE).write_text(json.dumps(summary, indent=1))
+    log(f"language ID held-out accuracy {summary['heldout_accuracy']:.3f}")
+    return {**summary, "train_seconds": round(seconds, 1), "thresholds": thresholds}
+
+
+def read_model(folder: Path):
+    """``(fastText model, thresholds)`` of a language_id_model artifact."""
+    return load_model(Path(folder) / MODEL_FILE), pl.read_parquet(Path(folder) / THRESHOLDS_FILE)
+
+
+def build_table(model_dir: Path, docs: pl.LazyFrame, out_dir: Path, *, log: Callable[[str], None] = print,
+                warn: Callable[[str], None] = print) -> dict:
+    """The language_id_table artifact in ``out_dir``: every document of ``docs`` (doc_id, source, declared_lang,
+    text) labelled with the model of ``model_dir``; streamed in batches. Returns the agreement summary
+    (+ ``table`` and ``per_lang`` frames for metadata)."""
+    model, thresholds = read_model(model_dir)
+    table = label_documents(model, thresholds, docs.collect_batches(chunk_size=5000), log=log)
+    summary, per_lang = agreement(table, set(model_labels(model)))
+    if summary["declared_languages_unknown_to_model"]:
+        warn(f"{summary['docs_with_declared_language_unknown_to_model']} documents declare languages the model does "
+             f"not know: {summary['declared_languages_unknown_to_model'][:20]} (labelled anyway; excluded from "
+             f"agreement)")
+    table.write_parquet(Path(out_dir) / TABLE_FILE, compression="zstd")
+    per_lang.write_parquet(Path(out_dir) / AGREEMENT_FILE)
+    return {**summary, "table": table, "per_lang": per_lang}
+
+
+def table_file(folder: Path) -> Path:
+    """The labels parquet of a language_id_table artifact (doc_id, source, declared_lang, lang, lid_score,
+    threshold, passed)."""
+    return Path(folder) / TABLE_FILE
+
+
+def passed_labels(folder: Path) -> pl.LazyFrame:
+    """(doc_id, lang) of the documents that passed their language's threshold."""
+    return pl.scan_parquet(table_file(folder)).filter("passed").select("doc_id", "lang")
+
+
+def labelled_documents(filtered_corpus_dir: Path, language_id_dir: Path) -> pl.LazyFrame:
+    """(doc_id, lang, text) of the filtered documents that passed language ID, in doc_id order (a join's row
+    order is not fixed, and samples drawn from this frame must not depend on it)."""
+    from mmbert_dagster.data.sources import read_docs
+
+    docs = read_docs(filtered_corpus_dir, ["doc_id", "text"])
+    return docs.join(passed_labels(language_id_dir), on="doc_id").select("doc_id", "lang", "text").sort("doc_id")

@@ -21,6 +21,9 @@ How the order and the boundaries survive datatrove
   ``max_tokens_per_file`` a target, not a hard cap.
 * After the run every file is checked: documents per file == documents sent, file size == tokens *
   token_size, and every document starts with ``[CLS]`` and ends with ``[SEP]``.
+* The folder does not depend on where the artifact root is: datatrove's ``.ds.metadata`` names the tokenizer by
+  the absolute path it was loaded from, which is replaced by ``tokenizer/tokenizer.json`` (``shards.json`` holds
+  its SHA-256), so the same inputs give the same bytes in any root.
 
 datatrove's ``LocalPipelineExecutor`` starts its worker pool with ``forkserver``, which needs an importable
 ``__main__`` (breaks under some hosts) and a fresh logging dir (a reused one skips "completed" ranks). We run
@@ -33,12 +36,11 @@ The whole eligible corpus text is held in memory (polars) while sampling: fine u
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -50,7 +52,7 @@ import numpy as np
 if TYPE_CHECKING:  # polars is imported where a table is built: training reads shards without it
     import polars as pl
 
-from mmbert_dagster.artifacts import sha256_file
+from mmbert_dagster.child import python_command, run_child
 from mmbert_dagster.seeding import stable_seed
 
 SHARDS_JSON = "shards.json"
@@ -67,6 +69,11 @@ class ShardError(RuntimeError):
 def token_size_for_vocab(vocab_size: int) -> int:
     """datatrove's rule: 2-byte tokens up to 65536 entries, 4-byte above."""
     return 4 if vocab_size > np.iinfo(np.uint16).max + 1 else 2
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _dtype(token_size: int) -> np.dtype:
@@ -208,16 +215,16 @@ def _run_datatrove_job(job_path: str) -> None:
     ).run()
 
 
+def _datatrove_progress(line: str) -> str | None:
+    """datatrove's task-completion lines, for the run log (the rest of its output stays out of it)."""
+    if "tasks completed" in line or "All " in line and "tasks" in line:
+        return f"shards: datatrove: {line.split('|')[-1].strip()}"
+    return None
+
+
 def _run_child(job_path: Path, log) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    code = "import sys; from mmbert_dagster.data.shards import _run_datatrove_job; _run_datatrove_job(sys.argv[1])"
-    proc = subprocess.run([sys.executable, "-c", code, str(job_path)], env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = (proc.stdout + proc.stderr)[-4000:]
-        raise RuntimeError(f"datatrove tokenization failed (exit {proc.returncode}); log tail:\n{tail}")
-    for line in proc.stderr.splitlines():
-        if "tasks completed" in line or "All " in line and "tasks" in line:
-            log(f"shards: datatrove: {line.split('|')[-1].strip()}")
+    run_child(python_command("mmbert_dagster.data.shards:_run_datatrove_job", str(job_path)),
+              what="datatrove tokenization", log=log, show=_datatrove_progress)
 
 
 def _tokenizer_file(tokenizer_dir: Path):
@@ -231,6 +238,15 @@ def _tokenizer_file(tokenizer_dir: Path):
         raise ValueError(f"{file}: truncation/padding is enabled and would cut documents; "
                          f"re-save it with mmbert_dagster.data.tokenizer.load_pretrained_tokenizer")
     return file, Tokenizer.from_file(str(file))
+
+
+def _name_tokenizer_in_metadata(path: Path, name: str) -> None:
+    """Replace the tokenizer's absolute path in datatrove's ``.ds.metadata`` (``<tokenizer>|<token_size>``, then
+    the token count) by ``name``: the shards must not change with the artifact root."""
+    if not path.is_file():
+        raise ShardError(f"{path}: datatrove did not write this shard's metadata")
+    first, sep, rest = path.read_text().partition("\n")
+    path.write_text(f"{name}|{first.rsplit('|', 1)[-1]}{sep}{rest}")
 
 
 def _cut_parts(n_bytes: np.ndarray, bytes_per_token: float, max_tokens_per_file: int) -> list[tuple[int, int]]:
@@ -345,6 +361,7 @@ def build_shards(
         ):
             raise ShardError(f"{ds}: a document does not start with [CLS] and end with [SEP]")
         del arr
+        _name_tokenizer_in_metadata(out_dir / f"{name}.metadata", f"{Path(tokenizer_dir).name}/{tok_file.name}")
         n_tokens.append(np.diff(ends, prepend=0))
         files.append({"name": name, "index": f"{name}.index", "docs": int(ends.size), "tokens": tokens,
                       "bytes": tokens * token_size, "first_position": a})
@@ -383,8 +400,7 @@ def build_shards(
         "files": files,
         "special_token_ids": specials,
         "document_template": "[CLS] text [SEP]" if {"cls", "sep"} <= specials.keys() else "tokenizer post-processor",
-        "tokenizer_dir": str(Path(tokenizer_dir)),
-        "tokenizer_sha256": sha256_file(tok_file),  # training refuses a tokenizer other than this one
+        "tokenizer_sha256": _sha256(tok_file),  # training refuses a tokenizer other than this one
         "max_tokens_per_file": max_tokens_per_file,
         "order": "seeded shuffle of sampled copies; files in rank order, documents in file order",
     }
@@ -484,7 +500,7 @@ class ShardReader:
         read) holds the tokenizer these shards were built with — same tokenizer.json bytes, vocabulary and
         special ids: other token ids would train silently on noise."""
         file = Path(tokenizer_dir) / "tokenizer.json"
-        want_sha, have_sha = self.meta.get("tokenizer_sha256"), sha256_file(file)
+        want_sha, have_sha = self.meta.get("tokenizer_sha256"), _sha256(file)
         want_specials = self.special_token_ids
         problems = []
         if vocab_size != self.meta.get("vocab_size", vocab_size):
@@ -546,3 +562,32 @@ def decode_tokens(ids: np.ndarray, tokenizer, *, skip_special_tokens: bool = Tru
         return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
     except TypeError:  # tokenizers.Tokenizer.decode takes the flag positionally in old versions
         return tokenizer.decode(ids, skip_special_tokens)
+
+
+def read_tokens_per_language(folder: Path):
+    """(lang, docs, tokens, share, ...) of a shards artifact, largest first."""
+    import polars as pl
+
+    return pl.read_parquet(Path(folder) / TOKENS_PER_LANGUAGE).sort(["tokens", "lang"], descending=[True, False])
+
+
+def roundtrip_mismatches(shards_dir: Path, tokenizer_dir: Path, filtered_corpus_dir: Path,
+                         sample: int = 64) -> tuple[int, list[str]]:
+    """Decode ``sample`` evenly spaced documents of a shards folder and compare them with their filtered text
+    (NFC): ``(documents compared, doc_ids that differ)``."""
+    import unicodedata
+
+    import polars as pl
+
+    from mmbert_dagster.data.sources import read_docs
+    from mmbert_dagster.data.tokenizer import load_tokenizer
+
+    reader, tok = ShardReader(Path(shards_dir)), load_tokenizer(tokenizer_dir)
+    step = max(1, len(reader) // sample)
+    positions = list(range(0, len(reader), step))[:sample]
+    wanted = reader.documents()[positions]["doc_id"].to_list()
+    texts = dict(read_docs(filtered_corpus_dir, ["doc_id", "text"]).filter(pl.col("doc_id").is_in(wanted))
+                 .collect().iter_rows())
+    nfc = lambda t: unicodedata.normalize("NFC", t)  # noqa: E731
+    return len(positions), [doc_id for pos, doc_id in zip(positions, wanted)
+                            if nfc(reader.decode_document(pos, tok)) != nfc(texts[doc_id])]

@@ -5,8 +5,10 @@ parquet parts, so a corpus larger than memory never has to be held at once.
 
 Bad input policy (documented in the README):
 - a path that does not exist, a glob that matches nothing, or a source that yields no document → ``SourceError``;
-- a malformed JSONL line or a file that is not valid UTF-8 → ``SourceError`` naming the file and line, unless
-  the source is configured with ``on_bad_record="skip"``: then the record is skipped, counted and logged.
+- a malformed JSONL line, a file that is not valid UTF-8, or a JSON string holding a lone surrogate escape
+  (``"\\ud800"``: valid JSON, but no Unicode text — it cannot be written as UTF-8) → ``SourceError`` naming the file
+  and line, unless the source is configured with ``on_bad_record="skip"``: then the record is skipped, counted
+  and logged.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
+import shutil
 import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -32,6 +36,8 @@ HELDOUT_SCHEMA = pa.schema(
      ("text", pa.string())]
 )
 UNKNOWN_LANG = "und"
+# JSON decodes a surrogate pair to one code point, so a surrogate left in a decoded string is a lone one
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class SourceError(ValueError):
@@ -40,15 +46,14 @@ class SourceError(ValueError):
 
 @dataclass
 class SkipCounter:
-    """Counts records skipped under ``on_bad_record="skip"``, by reason, keeping a few examples for the log."""
+    """Counts records skipped under ``on_bad_record="skip"``, by reason; the first ``logged`` are logged."""
 
     counts: dict[str, int] = field(default_factory=dict)
-    examples: list[str] = field(default_factory=list)
+    logged: int = 20
 
     def skip(self, reason: str, where: str, log: Callable[[str], None]) -> None:
         self.counts[reason] = self.counts.get(reason, 0) + 1
-        if len(self.examples) < 20:
-            self.examples.append(f"{where}: {reason}")
+        if sum(self.counts.values()) <= self.logged:
             log(f"skipped {where}: {reason}")
 
 
@@ -130,6 +135,17 @@ def iter_local_files(
         raise SourceError(f"{', '.join(map(str, paths))}: no documents in the input file(s) (empty?)")
 
 
+def _lone_surrogate(obj: dict, fields: tuple[str | None, ...]) -> str | None:
+    """The problem with the first of ``fields`` whose string holds a lone surrogate, or None."""
+    for name in fields:
+        value = obj.get(name) if name else None
+        m = _SURROGATE.search(value) if isinstance(value, str) else None
+        if m:
+            return (f"field {name!r} holds a lone surrogate \\u{ord(m.group()):04x} at character {m.start()} "
+                    "(an unpaired UTF-16 escape: not Unicode text)")
+    return None
+
+
 def _iter_file(path: Path, text_field: str, lang_field: str | None, default_lang: str, id_field: str | None,
                bad: Callable[[str, str], None]) -> Iterator[dict]:
     name = path.name.lower()
@@ -155,6 +171,10 @@ def _iter_file(path: Path, text_field: str, lang_field: str | None, default_lang
                     continue
                 if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
                     bad(where, f"record has no string field {text_field!r}")
+                    continue
+                surrogate = _lone_surrogate(obj, (text_field, lang_field, id_field))
+                if surrogate:
+                    bad(where, surrogate)
                     continue
                 doc_id = str(obj[id_field]) if id_field and id_field in obj else f"{path.name}:{lineno}"
                 lang = obj.get(lang_field) if lang_field else default_lang
@@ -280,6 +300,11 @@ def write_raw_corpus(
     return {"docs": n_docs, "bytes": n_bytes, "parts": n_parts, "declared_languages": len(langs)}
 
 
+def raw_docs_files(raw_corpus_dir: Path) -> list[Path]:
+    """The document parts of a raw_corpus artifact (``docs/part-*.parquet``)."""
+    return sorted((Path(raw_corpus_dir) / "docs").glob("*.parquet"))
+
+
 def read_docs(folder: Path, columns: list[str] | None = None) -> pl.LazyFrame:
     """The documents of a corpus artifact (``raw_corpus`` or ``filtered_corpus``) as a lazy polars frame."""
     files = sorted((Path(folder) / "docs").glob("*.parquet")) or sorted(Path(folder).glob("docs*.parquet"))
@@ -287,3 +312,64 @@ def read_docs(folder: Path, columns: list[str] | None = None) -> pl.LazyFrame:
         raise SourceError(f"{folder}: no document parquet files")
     lf = pl.scan_parquet(files)
     return lf.select(columns) if columns else lf
+
+
+HELDOUT_FILE = "heldout.parquet"  # in raw_corpus: held-out evaluation text no training stage sees
+
+
+def read_heldout(raw_corpus_dir: Path, langs: list[str] | None = None) -> pl.DataFrame | None:
+    """The held-out evaluation text of a raw_corpus artifact (only ``langs`` if given), or None if it has none."""
+    path = Path(raw_corpus_dir) / HELDOUT_FILE
+    if not path.is_file():
+        return None
+    heldout = pl.read_parquet(path)
+    return heldout.filter(pl.col("declared_lang").is_in(langs)) if langs is not None else heldout
+
+
+def build_raw_corpus(docs: Iterator[dict], out_dir: Path, heldout: Path | None, *,
+                     log: Callable[[str], None] = print) -> dict:
+    """The raw_corpus artifact in ``out_dir``: ``docs/part-*.parquet`` (:func:`write_raw_corpus`) and, if given,
+    the held-out evaluation text (``heldout.parquet``, checked for the columns of ``HELDOUT_SCHEMA``)."""
+    stats = write_raw_corpus(docs, out_dir, log=log)
+    stats["heldout_rows"] = 0
+    if heldout is not None:
+        missing = set(HELDOUT_SCHEMA.names) - set(pq.read_schema(heldout).names)
+        if missing:
+            raise SourceError(f"{heldout}: held-out file lacks column(s) {sorted(missing)}")
+        shutil.copyfile(heldout, Path(out_dir) / HELDOUT_FILE)
+        stats["heldout_rows"] = pq.read_metadata(heldout).num_rows
+    return stats
+
+
+def language_sizes(folder: Path, lang_column: str = "declared_lang") -> pl.DataFrame:
+    """(lang, docs, bytes) of a corpus artifact, largest first."""
+    return (read_docs(folder).group_by(lang_column).agg(docs=pl.len(), bytes=pl.col("text").str.len_bytes().sum())
+            .sort(["bytes", lang_column], descending=[True, False]).collect())
+
+
+def heldout_leaks(folder: Path, probe_chars: int = 200) -> tuple[int, list[tuple[str, str]]]:
+    """Held-out texts of a raw_corpus artifact that occur in its training documents of the same language:
+    ``(probes compared, [(lang, start of the leaked probe)])``. A probe is ``probe_chars`` from the middle of
+    each held-out text (at least 50)."""
+    heldout = read_heldout(folder)
+    if heldout is None:
+        return 0, []
+    half = probe_chars // 2
+    probes = heldout.select("declared_lang", probe=pl.col("text").str.slice(
+        pl.col("text").str.len_chars() // 2 - half, probe_chars)).filter(pl.col("probe").str.len_chars() >= 50)
+    docs = read_docs(folder, ["declared_lang", "text"]).filter(
+        pl.col("declared_lang").is_in(probes["declared_lang"].unique().to_list())).collect()
+    by_lang = {lang: " ".join(g["text"].to_list()) for (lang,), g in docs.group_by("declared_lang")}
+    leaks = [(lang, p[:60]) for lang, p in probes.iter_rows() if p in by_lang.get(lang, "")]
+    return probes.height, leaks
+
+
+def heldout_texts(raw_corpus_dir: Path, langs: list[str], max_docs: int) -> list[str]:
+    """Up to ``max_docs`` held-out texts of ``langs``, evenly spaced in doc_id order (a fixed sample: the held-out
+    loss of every run of a stage is measured on the same texts); empty if the corpus has no held-out text."""
+    heldout = read_heldout(raw_corpus_dir, langs)
+    if heldout is None:
+        return []
+    heldout = heldout.sort("doc_id")
+    step = max(1, heldout.height // max_docs)
+    return heldout["text"].to_list()[::step][:max_docs]

@@ -10,11 +10,9 @@ in the token stream as well as in their index files.
 from __future__ import annotations
 
 import json
-import shutil
 import time
-import unicodedata
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -45,9 +43,10 @@ def _script(lang: str) -> str:
 def sample_for_tokenizer(docs: pl.DataFrame, cfg: TokenizerConfig, seed: int) -> Iterator[tuple[str, str]]:
     """Yield ``(lang, text)`` pairs: up to ``cfg.sample_bytes_per_lang`` UTF-8 bytes from every language.
 
-    Each language's documents are visited in an order seeded by ``(seed, lang)``; documents are taken whole
-    until the budget is reached, the last one cut at a character boundary to fit. Languages come in sorted
-    order. The same ``docs``, ``cfg`` and ``seed`` always give the same sample.
+    Each language's documents, sorted by text, are visited in an order seeded by ``(seed, lang)``; documents are
+    taken whole until the budget is reached, the last one cut at a character boundary to fit. Languages come in
+    sorted order. The same documents, ``cfg`` and ``seed`` always give the same sample, in whatever row order
+    ``docs`` holds them (a polars join returns its rows in a different order on every run).
     """
     import polars as pl
     missing = {"lang", "text"} - set(docs.columns)
@@ -57,6 +56,7 @@ def sample_for_tokenizer(docs: pl.DataFrame, cfg: TokenizerConfig, seed: int) ->
     if budget <= 0:
         return
     docs = docs.select("lang", "text").filter(pl.col("text").is_not_null() & (pl.col("text").str.len_bytes() > 0))
+    docs = docs.sort("lang", "text")  # the permutation below must not depend on the incoming row order
     for (lang,), part in sorted(docs.partition_by("lang", as_dict=True, maintain_order=True).items()):
         texts = part["text"].to_list()
         order = np.random.default_rng(stable_seed(seed, "tokenizer-sample", lang)).permutation(len(texts))
@@ -320,19 +320,6 @@ def load_pretrained_tokenizer(path: str, out_dir: Path, *, log=print) -> dict:
     return meta
 
 
-def copy_tokenizer_json(tokenizer_dir: Path, dest: Path) -> Path:
-    """Copy ``tokenizer_dir/tokenizer.json`` to ``dest`` (a file path); raise a clear error if it is missing."""
-    src = Path(tokenizer_dir) / "tokenizer.json"
-    if not src.is_file():
-        raise TokenizerError(f"{src}: missing; the tokenizer folder must contain tokenizer.json")
-    shutil.copyfile(src, dest)
-    return Path(dest)
-
-
-def nfc(text: str) -> str:
-    return unicodedata.normalize("NFC", text)
-
-
 FERTILITY_FILE = "stats/fertility.parquet"  # where the tokenizer asset keeps tokens_per_byte in its folder
 
 
@@ -346,7 +333,7 @@ def tokens_per_byte(tokenizer_dir: Path, docs: pl.DataFrame, cfg: TokenizerConfi
     import polars as pl
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
+    tok = load_tokenizer(tokenizer_dir)
     tokens: dict[str, int] = defaultdict(int)
     nbytes: dict[str, int] = defaultdict(int)
     batch: list[tuple[str, str]] = []
@@ -367,3 +354,39 @@ def tokens_per_byte(tokenizer_dir: Path, docs: pl.DataFrame, cfg: TokenizerConfi
         {"lang": langs, "tokens_per_byte": [tokens[lang] / max(nbytes[lang], 1) for lang in langs]},
         schema={"lang": pl.String, "tokens_per_byte": pl.Float64},
     )
+
+
+TOKENIZER_FILE = "tokenizer.json"  # the tokenizers-library file every tokenizer folder (and checkpoint) holds
+
+
+def load_tokenizer(folder: Path):
+    """The ``tokenizers.Tokenizer`` of a tokenizer folder (or checkpoint)."""
+    from tokenizers import Tokenizer
+
+    file = Path(folder) / TOKENIZER_FILE
+    if not file.is_file():
+        raise TokenizerError(f"{file}: missing; {folder} is not a tokenizer folder")
+    return Tokenizer.from_file(str(file))
+
+
+def build_tokenizer(docs: pl.DataFrame, out_dir: Path, cfg: TokenizerConfig, seed: int, *, user_path: str = "",
+                    log: Callable[[str], None] = print) -> dict:
+    """The tokenizer artifact in ``out_dir``: a byte-level BPE trained on a per-language sample of ``docs``
+    (lang, text), or the user's tokenizer (``user_path``, e.g. Gemma-2's), as a Hugging Face tokenizer folder; plus
+    the measured tokens per byte of every language (``FERTILITY_FILE``, in a subfolder: checkpoints copy the
+    folder's files, not its folders). Returns the tokenizer's metadata."""
+    if user_path:
+        info = load_pretrained_tokenizer(user_path, out_dir, log=log)
+    else:
+        info = train_tokenizer(sample_for_tokenizer(docs, cfg, seed), out_dir, cfg, log=log)
+    fertility = tokens_per_byte(out_dir, docs, cfg, seed)
+    (Path(out_dir) / FERTILITY_FILE).parent.mkdir(parents=True, exist_ok=True)
+    fertility.write_parquet(Path(out_dir) / FERTILITY_FILE)
+    return {**info, "user_supplied": bool(user_path)}
+
+
+def read_fertility(folder: Path) -> pl.DataFrame:
+    """(lang, tokens_per_byte) measured by the tokenizer asset."""
+    import polars as pl
+
+    return pl.read_parquet(Path(folder) / FERTILITY_FILE)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmbert_dagster.train.loop import autocast_for
+from mmbert_dagster.train.device import autocast_for
 from mmbert_dagster.train.packing import IGNORE, collate, pack_rows
 
 

@@ -65,10 +65,12 @@ class ProbeResult:
         return any(g.strip().lower() == self.expected.lower() for g, _ in self.guesses)
 
 
-def run_probes(model_dir: Path | str, probes: dict[str, list[tuple[str, str]]] | None = None) -> list[ProbeResult]:
+def run_probes(model_dir: Path | str, probes: dict[str, list[tuple[str, str]]] | None = None, *,
+               device: str = "cpu") -> list[ProbeResult]:
+    """Every probe through ``pipeline("fill-mask")`` on ``device`` ("cpu", "cuda", "cuda:1", ...)."""
     from transformers import pipeline
 
-    fill = pipeline("fill-mask", model=str(model_dir), tokenizer=str(model_dir), device="cpu", top_k=TOP_K)
+    fill = pipeline("fill-mask", model=str(model_dir), tokenizer=str(model_dir), device=device, top_k=TOP_K)
     out = []
     for lang, sentences in (probes or PROBES).items():
         for sentence, expected in sentences:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from mmbert_dagster.evaluate.benchmarks import probe_accuracy
+from mmbert_dagster.evaluate.metrics import probe_accuracy
 from mmbert_dagster.recipe import HfTask
 
 

@@ -16,8 +16,9 @@ from pathlib import Path
 import polars as pl
 
 from mmbert_dagster.evaluate.suite import CHANCE, TIERS
-from mmbert_dagster.report import grouped_bar_chart, inline_png, md_table, multi_line_chart, png_bytes
+from mmbert_dagster.render import grouped_bar_chart, inline_png, md_table, multi_line_chart, png_bytes
 
+REPORT_FILE = "report.md"
 TASK_METRICS = (("mlm", "accuracy"), ("retrieval", "accuracy@1"), ("topic_probe", "accuracy"))
 NEAR_BEST = 0.95  # "keeps English near the best variant": at least this share of the best decay variant's score
 
@@ -99,14 +100,11 @@ def _tier_table(table: pl.DataFrame, task: str, metric: str, models: list[str]) 
     return pl.DataFrame(data)
 
 
-CONTINUES_FROM = {"midtrain_checkpoint": "pretrain_checkpoint", "decay_eng": "midtrain_checkpoint",
-                  "decay_cont": "midtrain_checkpoint", "decay_all": "midtrain_checkpoint"}
-
-
-def loss_curves(checkpoints: Mapping[str, Path], smooth: int = 10) -> dict[str, tuple[list[float], list[float]]]:
-    """Per stage: (tokens since the start of pre-training, training loss as a moving mean over ``smooth`` steps),
-    from each checkpoint's logs/metrics.jsonl. A stage starts where the stage it continues from ended, so the
-    decays branch off the end of mid-training."""
+def loss_curves(checkpoints: Mapping[str, Path], lineage: Mapping[str, str | None], smooth: int = 10
+                ) -> dict[str, tuple[list[float], list[float]]]:
+    """Per stage: (tokens since the start of the first stage, training loss as a moving mean over ``smooth``
+    steps), from each checkpoint's logs/metrics.jsonl. ``lineage``: checkpoint -> the checkpoint it continues from
+    (``Recipe.lineage``); a stage starts where that one ended, so the decays branch off the end of mid-training."""
     raw = {}
     for name, folder in checkpoints.items():
         path = Path(folder) / "logs" / "metrics.jsonl"
@@ -118,7 +116,7 @@ def loss_curves(checkpoints: Mapping[str, Path], smooth: int = 10) -> dict[str, 
             raw[name] = ([float(r.get("train/tokens", r["step"])) for r in rows], [r["train/loss"] for r in rows])
 
     def start(name: str) -> float:
-        parent = CONTINUES_FROM.get(name)
+        parent = lineage.get(name)
         return start(parent) + raw[parent][0][-1] if parent in raw else 0.0
 
     curves = {}
@@ -129,11 +127,12 @@ def loss_curves(checkpoints: Mapping[str, Path], smooth: int = 10) -> dict[str, 
     return curves
 
 
-def build_report(table: pl.DataFrame, *, checkpoints: Mapping[str, Path], mixtures: Mapping[str, pl.DataFrame],
-                 notes: list[str], title: str, top_languages: int = 12) -> Report:
-    models = [m for m in ("pretrain_checkpoint", "midtrain_checkpoint", "decay_eng", "decay_cont", "decay_all",
-                          "merged_model") if m in set(table["model"].to_list())]
-    models += sorted(set(table["model"].to_list()) - set(models))
+def build_report(table: pl.DataFrame, *, checkpoints: Mapping[str, Path], lineage: Mapping[str, str | None],
+                 mixtures: Mapping[str, pl.DataFrame], notes: list[str], title: str, top_languages: int = 12) -> Report:
+    """The report of a score table; models are shown in the order of ``checkpoints`` (the recipe's stage order,
+    then the merge)."""
+    scored = set(table["model"].to_list())
+    models = [m for m in checkpoints if m in scored] + sorted(scored - set(checkpoints))
     f = findings(table)
     plots: dict[str, bytes] = {}
     sections = [f"# {title}", "", _findings_md(f), ""]
@@ -160,7 +159,7 @@ def build_report(table: pl.DataFrame, *, checkpoints: Mapping[str, Path], mixtur
     if notes:
         sections += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
 
-    curves = loss_curves(checkpoints)
+    curves = loss_curves(checkpoints, lineage)
     if curves:
         plots["loss_curves"] = png_bytes(multi_line_chart(
             curves, "training loss per stage (moving mean of 10 steps)", "tokens since the start of pre-training",
@@ -196,7 +195,7 @@ def write_report(report: Report, folder: Path) -> Path:
     (folder / "plots").mkdir(parents=True, exist_ok=True)
     for name, png in report.plots.items():
         (folder / "plots" / f"{name}.png").write_bytes(png)
-    path = folder / "report.md"
+    path = folder / REPORT_FILE
     path.write_text(report.markdown_files)
     (folder / "findings.json").write_text(json.dumps(report.findings, indent=1, default=str))
     return path

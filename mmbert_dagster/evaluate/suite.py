@@ -34,7 +34,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from mmbert_dagster.evaluate.benchmarks import (
+from mmbert_dagster.evaluate.metrics import (
     mask_for_eval,
     masked_token_accuracy,
     probe_accuracy,

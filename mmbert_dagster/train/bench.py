@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from mmbert_dagster.recipe import ModelShape, load_recipe
-from mmbert_dagster.train.loop import autocast_for
+from mmbert_dagster.train.device import autocast_for, resolve_device
 from mmbert_dagster.train.masking import mask_tokens
 from mmbert_dagster.train.model import build_model
 from mmbert_dagster.train.packing import IGNORE, collate, pack_rows
@@ -146,15 +146,8 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int | None = None, 
     return 2 * n ** 3 / min(times)
 
 
-def bench(shape: ModelShape, *, vocab: int, context: int, budget: int, mean: float, std: float, steps: int = 6,
-          reps: int = 3, device: str = "auto", seed: int = 0, variants: tuple[str, ...] = ("packed", "padded"),
-          row_tokens: int = 0) -> dict:
-    from optimi import StableAdamW
-
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
+def variant_models(shape: ModelShape, vocab: int, context: int, variants: tuple[str, ...], device: torch.device):
+    """One model per variant, all with the same (seeded) random weights: ours, and transformers' SDPA copies."""
     base = build_model(shape, vocab, SPECIALS, context, 10_000.0, attn="auto")
     models = {"packed": base}
     for name in ("padded", "hf_packed"):
@@ -162,68 +155,97 @@ def bench(shape: ModelShape, *, vocab: int, context: int, budget: int, mean: flo
             other = type(base)._from_config(copy.deepcopy(base.config), attn_implementation="sdpa")
             other.load_state_dict(base.state_dict())
             models[name] = other
-    row = row_tokens or context
-    makers = {"packed": packed_inputs, "padded": padded_inputs,
-              "hf_packed": lambda pairs, d: hf_packed_inputs(pairs, d, row, shape.local_window // 2)}
-    models = {k: m.to(dev) for k, m in models.items() if k in variants}
-    batches = [masked(make_docs(rng, budget, mean, std, vocab, context), vocab, seed + i) for i in range(steps + 1)]
-    real = [sum(ids.numel() for ids, _ in b) for b in batches]
-    slots = [len(b) * max(ids.numel() for ids, _ in b) for b in batches]
-    flops = [train_flops(shape, vocab, [ids.numel() for ids, _ in b], sum(int((y != IGNORE).sum()) for _, y in b))
-             for b in batches]
+    return {k: m.to(device) for k, m in models.items() if k in variants}
+
+
+def time_steps(models: dict, makers: dict, batches: list, reps: int,
+               device: torch.device) -> tuple[dict[str, list[list[float]]], dict[str, float]]:
+    """Seconds of every training step, ``[variant][rep][batch]`` (batch 0, a warm-up, left out), and the peak
+    CUDA memory of each variant (GiB). Variants take turns rep by rep."""
+    from optimi import StableAdamW
+
     optims = {k: StableAdamW(m.parameters(), lr=1e-4, weight_decay=0.0) for k, m in models.items()}
-    times: dict[str, list[list[float]]] = {k: [] for k in models}  # [rep][batch] seconds
+    times: dict[str, list[list[float]]] = {k: [] for k in models}
     peak_memory: dict[str, float] = {}
     for _ in range(reps):
         for name, model in models.items():
             model.train()
-            inputs = [makers[name](b, dev) for b in batches]
-            if dev.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(dev)
+            inputs = [makers[name](b, device) for b in batches]
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             rep = []
             for x in inputs:
-                _sync(dev)
+                _sync(device)
                 t0 = time.perf_counter()
-                with autocast_for(dev):
+                with autocast_for(device):
                     loss = model(**x).loss
                 loss.backward()
                 optims[name].step()
                 optims[name].zero_grad(set_to_none=True)
-                _sync(dev)
+                _sync(device)
                 rep.append(time.perf_counter() - t0)
-            times[name].append(rep[1:])  # batch 0 is a warm-up step
-            if dev.type == "cuda":
-                peak_memory[name] = torch.cuda.max_memory_allocated(dev) / 2**30
-    tokens, step_flops = sum(real[1:]), sum(flops[1:])
-    best_s = {k: sum(min(r[i] for r in v) for i in range(steps)) for k, v in times.items()}
-    median_s = {k: statistics.median(sum(r) for r in v) for k, v in times.items()}
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    peak = matmul_peak(dev, dtype)
-    kernel = None
-    if dev.type == "cuda":
-        from mmbert_dagster.train.attention import varlen_kernel
+            times[name].append(rep[1:])
+            if device.type == "cuda":
+                peak_memory[name] = torch.cuda.max_memory_allocated(device) / 2**30
+    return times, peak_memory
 
-        kernel = getattr(varlen_kernel(), "name", "loop")
+
+def bench(shape: ModelShape, *, vocab: int, context: int, budget: int, mean: float, std: float, steps: int = 6,
+          reps: int = 3, device: str = "auto", seed: int = 0, variants: tuple[str, ...] = ("packed", "padded"),
+          row_tokens: int = 0) -> dict:
+    dev = resolve_device(device)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    models = variant_models(shape, vocab, context, variants, dev)
+    row = row_tokens or context
+    makers = {"packed": packed_inputs, "padded": padded_inputs,
+              "hf_packed": lambda pairs, d: hf_packed_inputs(pairs, d, row, shape.local_window // 2)}
+    batches = [masked(make_docs(rng, budget, mean, std, vocab, context), vocab, seed + i) for i in range(steps + 1)]
+    times, peak_memory = time_steps(models, makers, batches, reps, dev)
+    real = [sum(ids.numel() for ids, _ in b) for b in batches]
+    slots = [len(b) * max(ids.numel() for ids, _ in b) for b in batches]
+    flops = [train_flops(shape, vocab, [ids.numel() for ids, _ in b], sum(int((y != IGNORE).sum()) for _, y in b))
+             for b in batches]
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     out = {
         "shape": f"{shape.layers}L/{shape.hidden}h/{shape.intermediate}i/{shape.heads}heads, vocab {vocab}, "
                  f"window {shape.local_window}",
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-        "dtype": str(dtype).replace("torch.", ""), "varlen_kernel": kernel, "context": context,
+        "dtype": str(dtype).replace("torch.", ""), "varlen_kernel": _kernel_name(dev), "context": context,
         "doc_length": f"uniform {int(mean)}" if std == 0 else f"N({mean:g}, {std:g}) clipped to [8, {context}]",
         "docs_per_step": statistics.mean(len(b) for b in batches), "real_tokens_per_step": statistics.mean(real),
         "padded_slots_per_real_token": sum(slots) / sum(real),
-        "matmul_peak_tflops": peak / 1e12,
     }
-    for k in models:
+    return out | throughput(times, peak_memory, tokens=sum(real[1:]), step_flops=sum(flops[1:]),
+                            peak=matmul_peak(dev, dtype), row=row)
+
+
+def _kernel_name(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return None
+    from mmbert_dagster.train.attention import varlen_kernel
+
+    return getattr(varlen_kernel(), "name", "loop")
+
+
+def throughput(times: dict[str, list[list[float]]], peak_memory: dict[str, float], *, tokens: int,
+               step_flops: float, peak: float, row: int) -> dict:
+    """tokens/s and MFU of each variant ("best": each batch's fastest rep; "median": the median rep) and the
+    speed-ups of ours over the others."""
+    steps = len(next(iter(times.values()))[0])
+    best_s = {k: sum(min(r[i] for r in v) for i in range(steps)) for k, v in times.items()}
+    median_s = {k: statistics.median(sum(r) for r in v) for k, v in times.items()}
+    out = {"matmul_peak_tflops": peak / 1e12}
+    for k in times:
         out[f"{k}_tokens_per_s_best"] = tokens / best_s[k]
         out[f"{k}_tokens_per_s_median"] = tokens / median_s[k]
         out[f"{k}_mfu_best"] = step_flops / best_s[k] / peak
         if k in peak_memory:
             out[f"{k}_peak_memory_gib"] = peak_memory[k]
-    if {"packed", "padded"} <= set(models):
+    if {"packed", "padded"} <= set(times):
         out["speedup_best"] = best_s["padded"] / best_s["packed"]
         out["speedup_median"] = median_s["padded"] / median_s["packed"]
-    if {"packed", "hf_packed"} <= set(models):
+    if {"packed", "hf_packed"} <= set(times):
         out["hf_packed_row_tokens"] = row
         out["speedup_vs_hf_packed_best"] = best_s["hf_packed"] / best_s["packed"]
     return out

@@ -5,8 +5,8 @@
 * ``model.safetensors`` + ``config.json`` — the weights (fp32; tied embeddings stored once) and model config;
 * ``optimizer.pt`` — the optimizer state dict (loaded with ``torch.load(weights_only=True)``);
 * ``rng.pt`` — python / numpy / torch / CUDA RNG states of every rank;
-* ``state.json`` — step, tokens, the data position of every rank, the loss/lr history, seconds spent, and
-  the run's identity (stage, shape, seed, world size) that a resume must match;
+* ``state.json`` — ``state.TrainState``: step, tokens, the data position of every rank, the loss/lr history,
+  seconds spent, and the run's identity (stage, shape, seed, world size) that a resume must match;
 * ``MANIFEST.json`` — SHA-256 of each file (``artifacts.atomic_dir``): a torn or corrupted checkpoint is
   refused instead of loaded.
 
@@ -30,6 +30,7 @@ from safetensors.torch import save_model as save_safetensors_model
 from mmbert_dagster.artifacts import ArtifactError, atomic_dir, clean_stale_temporaries, verify_artifact
 
 TRAINER_STATE = "trainer_state"
+STATE_JSON = "state.json"
 
 
 class CheckpointError(RuntimeError):
@@ -65,7 +66,7 @@ def save_checkpoint(state_dir: Path, *, model: torch.nn.Module, optimizer: torch
         model.config.to_json_file(str(tmp / "config.json"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save({"ranks": rng}, tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        (tmp / STATE_JSON).write_text(json.dumps(state, indent=1))
     return final
 
 
@@ -90,5 +91,9 @@ def load_checkpoint(state_dir: Path, *, model: torch.nn.Module, optimizer: torch
         raise CheckpointError(f"{folder}: weights do not match the model (missing {missing}, unexpected {unexpected})")
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=device, weights_only=True))
     rng = torch.load(folder / "rng.pt", weights_only=True)["ranks"]
-    state = json.loads((folder / "state.json").read_text())
-    return state, rng
+    return read_state(state_dir), rng
+
+
+def read_state(state_dir: Path) -> dict:
+    """``state_dir/trainer_state/state.json`` (``state.TrainState.to_dict()``), unverified: for reports and tests."""
+    return json.loads((Path(state_dir) / TRAINER_STATE / STATE_JSON).read_text())

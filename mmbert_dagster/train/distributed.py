@@ -1,12 +1,12 @@
 """Data-parallel training across processes started by torchrun (gloo on CPU, NCCL on GPU).
 
 Inside ``run_stage``: :func:`setup` joins the process group when torchrun started us (``WORLD_SIZE > 1``);
-every rank builds the same model (same seed; rank 0's weights are broadcast anyway), reads a disjoint slice of
-the documents, and after its micro-batches :func:`all_reduce_gradients` SUMS the gradients of all ranks —
-each rank's loss is already divided by the step's GLOBAL number of predicted tokens, so the sum is exactly the
-gradient of the whole step's mean loss, whatever the number of micro-batches on each rank. (This is what
-``DistributedDataParallel`` does, written out: one flat all-reduce per optimizer step, no hooks, and no
-requirement that every rank runs the same number of backward passes.)
+every rank builds the same model (same seed), reads a disjoint slice of the documents, and trains the model
+wrapped by :func:`data_parallel` — torch's ``DistributedDataParallel``, which broadcasts rank 0's weights once
+and AVERAGES the gradients over the ranks during the backward pass of a step's last micro-batch
+(:func:`gradient_sync`: the others accumulate locally under ``no_sync``). Each rank's loss is divided by the
+step's global number of predicted tokens / ``world`` (see ``step.train_step``), so that average is exactly the
+gradient of the whole step's mean loss.
 
 From outside: :func:`launch` runs ``torchrun … -m mmbert_dagster.train.cli …`` in a subprocess as a
 :class:`Launcher` describes it (one node: ``--standalone``; several: c10d rendezvous, each node started by a
@@ -15,6 +15,7 @@ prefix such as ``srun``); :func:`run_stage_distributed` wraps it for one stage a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from mmbert_dagster.recipe import ModelShape, Stage
 
@@ -67,25 +69,22 @@ def all_reduce_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return value
 
 
-def all_reduce_gradients(model: torch.nn.Module, info: DistInfo) -> None:
-    """Sum every parameter's gradient over the ranks with one flat all-reduce."""
+def data_parallel(model: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.nn.Module:
+    """``model`` in ``DistributedDataParallel`` when there are several ranks (rank 0's weights and buffers are
+    broadcast now; buffers are not re-broadcast at every forward: ours are the RoPE frequencies, equal on every
+    rank); ``model`` itself in a single process. Save and evaluate ``model``, train the returned module."""
     if info.world <= 1:
-        return
-    params = [p for p in model.parameters() if p.requires_grad]
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    offset = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        p.grad = flat[offset:offset + n].view_as(g).clone()
-        offset += n
+        return model
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   forward_sync_buffers=False)
 
 
-def broadcast_parameters(model: torch.nn.Module, info: DistInfo) -> None:
-    if info.world > 1:
-        for t in list(model.parameters()) + list(model.buffers()):
-            dist.broadcast(t.data, src=0)
+def gradient_sync(model: torch.nn.Module, sync: bool):
+    """Context of one micro-batch's forward and backward: with ``sync`` False, DDP only accumulates the gradients
+    locally (``no_sync``); with ``sync`` True (a step's last micro-batch) they are averaged over the ranks."""
+    if sync or not isinstance(model, DistributedDataParallel):
+        return contextlib.nullcontext()
+    return model.no_sync()
 
 
 def gather_objects(obj, info: DistInfo) -> list:

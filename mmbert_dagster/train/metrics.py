@@ -66,6 +66,12 @@ class MetricsLog:
             self._tb = None
 
 
+def read_metrics(out_dir: Path) -> list[dict]:
+    """The rows of ``<out_dir>/logs/metrics.jsonl``, in order."""
+    path = Path(out_dir) / LOGS / METRICS_JSONL
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def loss_ends(losses: list[float], fraction: float = 0.2) -> tuple[float, float]:
     """Mean loss over the first and the last ``fraction`` of the steps (at least one step each).
 

@@ -75,6 +75,17 @@ def load_model(folder: Path | str, attn: str = "auto") -> ModernBertForMaskedLM:
                                                  dtype=torch.float32, local_files_only=True)
 
 
+def check_shape(model: ModernBertForMaskedLM, shape: ModelShape, vocab_size: int, folder: Path | str) -> None:
+    """``ValueError`` unless a loaded checkpoint (from ``folder``) has ``shape`` and the stage's vocabulary size."""
+    config = model.config
+    have = (config.num_hidden_layers, config.hidden_size, config.intermediate_size, config.num_attention_heads,
+            config.local_attention, config.vocab_size)
+    want = (shape.layers, shape.hidden, shape.intermediate, shape.heads, shape.local_window, vocab_size)
+    if have != want:
+        raise ValueError(f"{folder}: model (layers, hidden, intermediate, heads, window, vocab) = {have}, but this "
+                         f"stage's shape and tokenizer give {want}")
+
+
 def extend_context(model: ModernBertForMaskedLM, context_length: int, rope_theta: float) -> ModernBertForMaskedLM:
     """Mid-training context extension: new max length and global RoPE θ (local layers keep theirs), in place.
 

@@ -1,4 +1,5 @@
-"""Small renderers for tables and plots shown as asset metadata and in reports (Markdown, base64 PNG)."""
+"""Small renderers for tables and plots shown as asset metadata and in reports (Markdown, base64 PNG); the run
+report itself is `evaluate/report.py`."""
 
 from __future__ import annotations
 

@@ -1,0 +1,53 @@
+"""``score_checkpoints``: what the ``benchmark_scores`` asset does — every checkpoint scored on the held-out text
+(``suite.evaluate``), the long score table and the run report written into one folder.
+
+The folder holds ``scores.parquet`` (model, task, lang, tier, metric, value), ``report.md`` with ``plots/`` and
+``findings.json``; :func:`read_scores` reads the table back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from mmbert_dagster.evaluate.report import Report, build_report, write_report
+from mmbert_dagster.evaluate.suite import evaluate
+from mmbert_dagster.recipe import EvalConfig
+
+SCORES_FILE = "scores.parquet"
+SUMMARY_TASKS = ("mlm", "retrieval", "topic_probe", "encode")  # every model has rows of these tasks
+
+
+@dataclass
+class Scores:
+    table: pl.DataFrame
+    report: Report
+    notes: list[str]
+
+
+def score_checkpoints(models: Mapping[str, Path], heldout: pl.DataFrame | None, tiers: Mapping[str, str],
+                      cfg: EvalConfig, out_dir: Path, *, lineage: Mapping[str, str | None],
+                      mixtures: Mapping[str, pl.DataFrame], english: str, seed: int, device: str, title: str,
+                      log: Callable[[str], None] = print) -> Scores:
+    """Score ``models`` (checkpoint key -> HF folder, in report order) and write table and report to ``out_dir``."""
+    if heldout is None:
+        raise FileNotFoundError("no held-out text: the benchmarks need held-out aligned text (the corpus "
+                                "resource's heldout_path)")
+    table, notes = evaluate(models, heldout, tiers, cfg, english=english, seed=seed, device=device, log=log)
+    report = build_report(table, checkpoints=models, lineage=lineage, mixtures=mixtures, notes=notes, title=title)
+    table.write_parquet(Path(out_dir) / SCORES_FILE)
+    write_report(report, Path(out_dir))
+    return Scores(table, report, notes)
+
+
+def read_scores(folder: Path) -> pl.DataFrame:
+    return pl.read_parquet(Path(folder) / SCORES_FILE)
+
+
+def missing_rows(table: pl.DataFrame, models: list[str]) -> list[str]:
+    """``model/task`` pairs of the summary tasks that the table lacks (the asset check's question)."""
+    have = set(zip(table["model"].to_list(), table["task"].to_list()))
+    return [f"{m}/{t}" for m in models for t in SUMMARY_TASKS if (m, t) not in have]

@@ -1,0 +1,84 @@
+"""A stage's inputs — shards, tokenizer, the checkpoint it continues from — and the checks that they fit together.
+
+Token ids mean something only under the tokenizer that produced them. The shards record the SHA-256 of the
+``tokenizer.json`` they were built with (``ShardReader.check_tokenizer``), and every stage output carries a copy
+of its tokenizer (``export.write_hf_folder``), so a stage refuses, before its first step, shards or an init
+checkpoint made with another tokenizer than the stage's: after the tokenizer changed, a decay would otherwise
+train a mid-training checkpoint on shards whose ids no longer line up with its embeddings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from mmbert_dagster.data.shards import ShardReader
+from mmbert_dagster.data.tokenizer import special_token_ids
+
+TOKENIZER_JSON = "tokenizer.json"
+
+
+class TokenizerMismatch(ValueError):
+    """An init checkpoint trained with another tokenizer than the stage's."""
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The stage tokenizer's vocabulary size and special token ids."""
+
+    size: int
+    specials: dict[str, int]  # role -> id: pad, cls, sep, mask (+ unk, bos, eos where declared)
+
+    @property
+    def mask_id(self) -> int:
+        return self.specials["mask"]
+
+    @property
+    def never_mask(self) -> list[int]:
+        """Ids masking never selects (every special token)."""
+        return sorted(set(self.specials.values()))
+
+
+def read_vocabulary(tokenizer_dir: Path) -> Vocabulary:
+    """The vocabulary of a tokenizer folder; ``ValueError`` if it is not one or lacks a pad/cls/sep/mask token."""
+    from tokenizers import Tokenizer
+
+    file = Path(tokenizer_dir) / TOKENIZER_JSON
+    if not file.is_file():
+        raise ValueError(f"{file}: missing; {tokenizer_dir} is not a tokenizer folder")
+    specials = special_token_ids(Path(tokenizer_dir))
+    missing = {"pad", "cls", "sep", "mask"} - set(specials)
+    if missing:
+        raise ValueError(f"{tokenizer_dir}: the tokenizer declares no {sorted(missing)} token(s)")
+    return Vocabulary(Tokenizer.from_file(str(file)).get_vocab_size(), specials)
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def check_init_tokenizer(init_from: Path, tokenizer_dir: Path) -> None:
+    """Raise ``TokenizerMismatch`` unless the checkpoint ``init_from`` was trained with ``tokenizer_dir``'s tokenizer
+    (the same ``tokenizer.json`` bytes)."""
+    have, want = Path(init_from) / TOKENIZER_JSON, Path(tokenizer_dir) / TOKENIZER_JSON
+    if not have.is_file():
+        raise TokenizerMismatch(f"{have}: missing, so the init checkpoint cannot be checked against the stage's "
+                                f"tokenizer {want}; continue only from a stage output (it carries its tokenizer)")
+    have_sha, want_sha = file_sha256(have), file_sha256(want)
+    if have_sha != want_sha:
+        raise TokenizerMismatch(
+            f"the init checkpoint was trained with another tokenizer than this stage's: {have} (SHA-256 "
+            f"{have_sha[:12]}) vs {want} ({want_sha[:12]}); its token ids do not line up with the shards — "
+            f"re-materialize the checkpoint it continues from with this tokenizer")
+
+
+def open_inputs(shards_dir: Path, tokenizer_dir: Path, init_from: Path | None) -> tuple[ShardReader, Vocabulary]:
+    """The stage's documents and vocabulary, once shards and init checkpoint are known to use the stage's tokenizer."""
+    reader = ShardReader(Path(shards_dir))
+    vocab = read_vocabulary(tokenizer_dir)
+    reader.check_tokenizer(tokenizer_dir, vocab.size, vocab.specials)
+    if init_from:
+        check_init_tokenizer(init_from, tokenizer_dir)
+    return reader, vocab
