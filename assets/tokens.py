@@ -13,7 +13,7 @@ from dagster import (
 )
 
 from mmbert_dagster import mixtures
-from mmbert_dagster.data import filtering, langid, shards, tokenizer
+from mmbert_dagster.data import filtering, langid, shard_reader, shards, tokenizer
 from mmbert_dagster.recipe import DATA_FIELDS, mixture_key, shards_key
 from mmbert_dagster.render import bar_chart_md
 from mmbert_dagster.resources import ArtifactStore, ExternalModels
@@ -60,7 +60,7 @@ def build_shards_asset(stage_name: str) -> AssetsDefinition:
                 langid.table_file(store.require("language_id_table")),
                 mixture, store.require("tokenizer"), out, seed=RECIPE.seed, log=context.log.info,
             )
-        per_lang = shards.read_tokens_per_language(store.path(key))
+        per_lang = shard_reader.read_tokens_per_language(store.path(key))
         top = per_lang.head(30)
         return MaterializeResult(
             metadata={
@@ -86,7 +86,7 @@ def build_roundtrip_check(stage_name: str):
     @asset_check(asset=AssetKey(key), name="shards_decode_to_text", blocking=True,
                  description="Sampled documents decode from the shards back to their filtered text")
     def _check(store: ArtifactStore) -> AssetCheckResult:
-        sampled, mismatched = shards.roundtrip_mismatches(store.require(key), store.require("tokenizer"),
+        sampled, mismatched = shard_reader.roundtrip_mismatches(store.require(key), store.require("tokenizer"),
                                                           store.require("filtered_corpus"), ROUNDTRIP_SAMPLE)
         return AssetCheckResult(
             passed=not mismatched,

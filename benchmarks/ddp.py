@@ -35,7 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from mmbert_dagster.data.shards import ShardReader  # noqa: E402
+from mmbert_dagster.data.shard_reader import ShardReader  # noqa: E402
 from mmbert_dagster.recipe import ModelShape, load_recipe  # noqa: E402
 from mmbert_dagster.train import distributed  # noqa: E402
 from mmbert_dagster.train.inputs import read_vocabulary  # noqa: E402

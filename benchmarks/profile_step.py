@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from mmbert_dagster.train import bench  # noqa: E402
+from mmbert_dagster.train import throughput as bench  # noqa: E402
 from mmbert_dagster.train.model import build_model  # noqa: E402
 
 from run import SMALL_LIKE, VOCAB  # noqa: E402

@@ -7,7 +7,7 @@ Sections (each case interleaves its variants rep by rep and keeps each batch's f
 * training: our packed core vs the same model on padded batches (transformers' SDPA) and vs transformers' own
   packing (rows + per-layer-type block masks), on a ``small``-like shape (6 layers, hidden 384, GLU 1152, vocab
   8192): uniform 512, variable ~N(256, 64) at max 512, long ~N(2048, 512) at max 4096. Ideal = padded slots /
-  real tokens. MFU = model FLOPs on real tokens (``train.bench.train_flops``) / the matmul peak measured here.
+  real tokens. MFU = model FLOPs on real tokens (``train.throughput.train_flops``) / the matmul peak measured here.
 * inference: ModernBERT packed and padded vs an XLM-R-architecture encoder (``XLMRobertaModel``, random weights,
   the same parameter count, padded, max 512), uniform 512 and ~N(256, 64); and ours beyond 512.
 
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from mmbert_dagster.recipe import ModelShape  # noqa: E402
-from mmbert_dagster.train import bench  # noqa: E402
+from mmbert_dagster.train import throughput as bench  # noqa: E402
 from mmbert_dagster.train.model import build_model  # noqa: E402
 from mmbert_dagster.train.packing import collate  # noqa: E402
 

@@ -33,9 +33,9 @@ timeout 120 python3 scripts/gpu_stage_check.py --artifacts .mmbert/tiny --out /t
 for args in "small --context 512 --uniform" "small --context 1024" "small --context 8192" \
             "base --context 1024 --budget 32768" "base --context 8192 --budget 32768"; do
   echo "== bench --shape $args"
-  timeout 150 python3 -m mmbert_dagster.train.bench --shape $args --steps 5 --reps 2 --json "$OUT/bench.jsonl" \
+  timeout 150 python3 -m mmbert_dagster.train.throughput --shape $args --steps 5 --reps 2 --json "$OUT/bench.jsonl" \
     2>&1 | grep -E "tokens_per_s_best|mfu|speedup_best|slots|kernel|peak_memory|Error|error" | tr -d '\n'; echo
 done
 echo "== the per-document SDPA loop instead of the varlen kernel (small, 1024, packed only)"
-MMBERT_VARLEN_KERNEL=loop timeout 150 python3 -m mmbert_dagster.train.bench --shape small --context 1024 --steps 3 \
+MMBERT_VARLEN_KERNEL=loop timeout 150 python3 -m mmbert_dagster.train.throughput --shape small --context 1024 --steps 3 \
   --reps 1 --variants packed --json "$OUT/bench_loop.jsonl" 2>&1 | grep -E "tokens_per_s_best|mfu|Error" | tr -d '\n'; echo

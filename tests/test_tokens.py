@@ -16,7 +16,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from mmbert_dagster.data.shards import ShardError, ShardReader, build_shards
+from mmbert_dagster.data.shard_reader import ShardReader
+from mmbert_dagster.data.shards import ShardError, build_shards
 from mmbert_dagster.data.tokenizer import (
     SPECIAL_TOKENS,
     TokenizerError,

@@ -331,7 +331,6 @@ def tokens_per_byte(tokenizer_dir: Path, docs: pl.DataFrame, cfg: TokenizerConfi
     shards whatever the script: a Chinese byte and a Latin byte cost very different numbers of tokens.
     """
     import polars as pl
-    from tokenizers import Tokenizer
 
     tok = load_tokenizer(tokenizer_dir)
     tokens: dict[str, int] = defaultdict(int)

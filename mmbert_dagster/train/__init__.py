@@ -8,7 +8,7 @@ AttentionInterface) · packing (documents -> one-row micro-batches with cu_seqle
 schedule (warmup-stable-decay LR) · optim (StableAdamW, clipping, accumulation) · checkpoint (atomic, exact
 resume) · heldout (held-out MLM loss) · export (the files of a checkpoint folder, their readers) · metrics
 (JSONL/TensorBoard) · device (device, autocast, default micro-batch) · distributed (torchrun, DDP) · cli (torchrun
-entry point) · bench (packed vs padded throughput).
+entry point) · throughput (packed vs padded training throughput; benchmarks/ times it).
 """
 
 # The modules whose code decides what a stage trains and writes (hashed into the training assets' code version).

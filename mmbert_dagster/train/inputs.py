@@ -13,7 +13,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from mmbert_dagster.data.shards import ShardReader
+from mmbert_dagster.data.shard_reader import ShardReader
 from mmbert_dagster.data.tokenizer import special_token_ids
 
 TOKENIZER_JSON = "tokenizer.json"

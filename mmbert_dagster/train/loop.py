@@ -28,7 +28,6 @@ from mmbert_dagster.train import distributed
 from mmbert_dagster.train.checkpoint import (TRAINER_STATE, CheckpointError, capture_rng, load_checkpoint,
                                              restore_rng, save_checkpoint)
 from mmbert_dagster.train.device import micro_batch_tokens_for, resolve_device
-from mmbert_dagster.train.device import autocast_for  # noqa: F401  (old import path, until assets/ import device)
 from mmbert_dagster.train.distributed import DistInfo
 from mmbert_dagster.train.export import write_hf_folder, write_summary
 from mmbert_dagster.train.heldout import heldout_loss

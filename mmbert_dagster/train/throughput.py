@@ -1,6 +1,6 @@
 """Training throughput: packed per-document attention vs the standard padded batch (transformers' SDPA).
 
-``python -m mmbert_dagster.train.bench [--shape tiny|small|base] [--context 1024] [--device auto] ...``
+``python -m mmbert_dagster.train.throughput [--shape tiny|small|base] [--context 1024] [--device auto] ...``
 
 One model shape (a preset's ``[model]``, with the preset's vocabulary unless ``--vocab``), synthetic documents
 ~N(mean, std) tokens (default mean = context / 4, std = mean / 4, clipped to [8, context]; ``--uniform`` makes
@@ -12,9 +12,10 @@ StableAdamW. CPU in fp32; CUDA with bf16 autocast (as the training loop). Each t
   varlen kernel, see ``attention.varlen_kernel``);
 * ``padded``: the same documents as a (B, L_max) batch with an attention mask, ``attn_implementation="sdpa"``
   (what a stock Hugging Face collator + ModernBERT does);
-* ``hf_packed``: transformers' own way to pack with SDPA (NOTES.md): documents packed into rows of at most
-  ``row_tokens`` (default: the longest document), the rows padded, a per-layer-type mask dict (block-diagonal;
-  block-diagonal within the window on the sliding layers), positions restarting per document.
+* ``hf_packed``: transformers' own way to pack with SDPA (it has no model-level unpadding): documents packed
+  into rows of at most ``row_tokens`` (default: the longest document), the rows padded, a per-layer-type mask
+  dict (block-diagonal; block-diagonal within the window on the sliding layers), positions restarting per
+  document.
 
 Variants are interleaved rep by rep (machine drift hits both); reported: real (non-pad) tokens/s, "best"
 from each batch's fastest rep (the least disturbed), "median" from the median rep, and MFU = model FLOPs
