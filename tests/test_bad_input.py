@@ -115,7 +115,10 @@ def test_a_lone_surrogate_is_skipped_and_counted_when_asked(tmp_path):
     ("tau = 0.7", "tau = 1.7", ["stages.pretrain.tau: must be in (0, 1], got 1.7"]),
     ("mask_rate = 0.30", "mask_rate = 1.2", ["stages.pretrain.mask_rate: must be in (0, 1), got 1.2"]),
     ("max_repeat = 5.0", "max_repat = 5.0", ["stages.pretrain: unknown field(s) ['max_repat']"]),
-], ids=["language_code", "tau", "mask_rate", "unknown_field"])
+    ("heads = 4", "heads = 3", ["[model].heads: must divide hidden: hidden = 256 is not a multiple of heads = 3"]),
+    ("lr_peak = 1e-3", "lr_peak = -1e-3", ["stages.pretrain.lr_peak: must be > 0, got -0.001"]),
+    ('init_from = "midtrain"', 'init_from = "decay_all"', ["stages.decay_eng.init_from: must name an earlier stage"]),
+], ids=["language_code", "tau", "mask_rate", "unknown_field", "heads", "lr_peak", "init_from"])
 def test_bad_recipe_values_are_refused_by_field(graph, tmp_path, old, new, needles):
     home = copy_home(graph, tmp_path / "home", CORPUS_KEYS)
     before = snapshot(home)
@@ -162,6 +165,29 @@ def test_a_tokenizer_that_does_not_match_the_shards_is_refused(graph, tmp_path):
     expect_refused(home, before, code, out, "shards were built with another tokenizer than",
                    str(home / "e2e" / "tokenizer" / "tokenizer.json"))
     assert not (home / "e2e" / "pretrain_checkpoint").exists()
+
+
+@pytest.mark.slow
+def test_a_stage_refuses_an_init_checkpoint_of_another_tokenizer_before_its_first_step(graph, tmp_path):
+    """The data half re-made with a new tokenizer (new tokenizer, new shards), the old mid-training checkpoint kept:
+    `decay_all` must not train the old embeddings on the new token ids."""
+    from mmbert_dagster.data.tokenizer import train_tokenizer
+    from mmbert_dagster.recipe import TokenizerConfig
+
+    keys = ["raw_corpus", "filtered_corpus", "language_id_table", "mixture_decay_all", "midtrain_checkpoint"]
+    home = copy_home(graph, tmp_path / "home", keys)
+    with atomic_dir(home / "e2e" / "tokenizer") as out:
+        texts = [("eng_Latn", "a different tokenizer trained on other text " * 50)] * 10
+        train_tokenizer(texts, out, TokenizerConfig(vocab_size=2048, sample_bytes_per_lang=10_000, min_frequency=1),
+                        log=lambda _: None)
+    code, out = materialize(home, "shards_decay_all")
+    assert code == 0, out[-3000:]
+    before = snapshot(home)
+    code, out = materialize(home, "decay_all")
+    expect_refused(home, before, code, out, "the init checkpoint was trained with another tokenizer",
+                   str(home / "e2e" / "midtrain_checkpoint" / "tokenizer.json"),
+                   str(home / "e2e" / "tokenizer" / "tokenizer.json"))
+    assert "decay_all step 1/" not in out and not (home / "e2e" / "decay_all").exists()
 
 
 @pytest.mark.slow

@@ -79,9 +79,15 @@ def test_the_added_stage_trains_from_the_mid_training_checkpoint_on_the_shared_s
     finally:
         os.environ.update(MMBERT_PRESET=str(RECIPE), MMBERT_HOME=str(graph["home"]))
         load_definitions()
-    from mmbert_dagster.train.stage_run import read_summary
+    from mmbert_dagster.artifacts import manifest_digest
+    from mmbert_dagster.train.export import read_inputs, read_summary
+    from mmbert_dagster.train.metrics import read_metrics
 
-    summary = read_summary(home / "e2e" / "decay_all_mask30")
-    assert summary["stage"] == "decay_all_mask30"
-    assert summary["mask_rate"] == pytest.approx(0.30)
-    assert (home / "e2e" / "decay_all_mask30" / "config.json").is_file()
+    out = home / "e2e" / "decay_all_mask30"
+    assert read_summary(out)["stage"] == "decay_all_mask30" and (out / "config.json").is_file()
+    # trained from the mid-training checkpoint on decay_all's shards (no mixture or shards of its own)
+    assert read_inputs(out) == {k: manifest_digest(home / "e2e" / k)
+                                for k in ("shards_decay_all", "tokenizer", "midtrain_checkpoint")}
+    assert not (home / "e2e" / "shards_decay_all_mask30").exists()
+    rates = [row["train/mask_rate"] for row in read_metrics(out) if "train/mask_rate" in row]
+    assert rates and 0.25 < sum(rates) / len(rates) < 0.35  # the 30 % mask, not decay_all's 5 %

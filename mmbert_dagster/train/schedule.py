@@ -38,8 +38,3 @@ def total_steps_for(stage: Stage) -> int:
 
 def warmup_steps_for(stage: Stage) -> int:
     return min(total_steps_for(stage), stage.warmup_tokens // stage.batch_tokens)
-
-
-def stage_lr(stage: Stage, step: int) -> float:
-    return lr_at(step, total_steps_for(stage), warmup_steps_for(stage), stage.lr_peak, stage.lr_final,
-                 stage.lr_decay)
