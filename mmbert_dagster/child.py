@@ -1,8 +1,8 @@
 """One way to run work in a child process: a command (or a Python function in a fresh interpreter) whose output
 is streamed to a log while it runs, kept in a file if asked, and quoted when the child fails.
 
-Used where a fresh process is needed: datatrove's process pool (filtering, tokenization), fastText training (a
-long-lived process can make it start from garbage, see data/langid.py), and torchrun (train/distributed.py).
+Used wherever work runs in another process: datatrove's process pool (filtering, tokenization), fastText training
+(a long-lived process can make it start from garbage, see data/langid.py), and torchrun (train/distributed.py).
 """
 
 from __future__ import annotations

@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from mmbert_dagster.child import run_child
 from mmbert_dagster.recipe import ModelShape, Stage
 
 
@@ -137,32 +137,17 @@ class Launcher:
 
 
 def launch(launcher: Launcher | int, module_args: list[str], *, env: dict | None = None, log=print,
-           timeout: float | None = None, run_id: str = "mmbert") -> subprocess.CompletedProcess:
-    """Run ``launcher.command(module_args)`` (torchrun ... -m mmbert_dagster.train.cli); raise on failure.
+           timeout: float | None = None, run_id: str = "mmbert") -> str:
+    """Run ``launcher.command(module_args)`` (torchrun ... -m mmbert_dagster.train.cli); return its output, raise
+    ``child.ChildProcessFailed`` (naming the command and quoting the end of the output) on failure.
 
     Output lines are passed to ``log`` as they arrive. An int means that many processes on this node.
     """
     launcher = Launcher(nproc_per_node=launcher) if isinstance(launcher, int) else launcher
-    nproc = launcher.nproc_per_node
-    run_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))),
-               **(env or {})}
+    threads = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // launcher.nproc_per_node)))
     cmd = launcher.command(module_args, run_id)
-    proc = subprocess.Popen(cmd, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            log(line.rstrip())
-        proc.wait(timeout=timeout)
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-    out = "".join(lines)
-    if proc.returncode != 0:
-        raise RuntimeError(f"torchrun exited with {proc.returncode}: {' '.join(cmd)}\n{out[-4000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+    return run_child(cmd, what=f"torchrun ({' '.join(cmd)})", log=log, timeout=timeout,
+                     env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": threads, **(env or {})})
 
 
 def run_stage_distributed(stage: Stage, shape: ModelShape, launcher: Launcher | int, *, log=print, **kwargs) -> dict:
