@@ -152,7 +152,7 @@ class Stage:
     init_from: str  # "" (random init) or the earlier stage whose checkpoint this stage continues
     data_from: str = ""  # "" (own mixture and shards) or the stage whose mixture and shards this stage reuses
     shuffle_window_docs: int = 64  # pieces of this many consecutive documents are read in a shuffled order
-    # (train/packing.py): 1 reads documents in order, which kept the tiny preset on the unigram plateau
+    # (train/packing.py); 1 reads them in order, so one long document fills several optimizer steps in a row
 
 
 @dataclass(frozen=True)
