@@ -48,6 +48,8 @@ def test_whole_graph_materializes_with_passing_checks(graph):
     assert set(scores["model"]) == TRAINING_KEYS | {"merged_model"}
     assert {"mlm", "retrieval", "topic_probe", "encode"} <= set(scores["task"])
     assert {"english", "high", "mid", "low"} <= set(scores["tier"])
+    mlm = scores.filter(pl.col("task") == "mlm")
+    assert set(mlm["metric"]) == {"accuracy", "cross_entropy"} and mlm["value"].is_finite().all()
     report = (root / "benchmark_scores" / "report.md").read_text()
     assert "Decay-All lifts low over Decay-Eng?" in report and "plots/loss_curves.png" in report
     assert (root / "benchmark_scores" / "plots" / "loss_curves.png").stat().st_size > 1000

@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from model_helpers import SHAPE, SPECIALS, VOCAB, random_doc, reference_copy
-from mmbert_dagster.evaluate.metrics import mask_for_eval, masked_token_accuracy, probe_accuracy, retrieval_accuracy
+from mmbert_dagster.evaluate.metrics import (
+    mask_for_eval, masked_token_accuracy, masked_token_cross_entropy, probe_accuracy, retrieval_accuracy,
+)
 from mmbert_dagster.evaluate.encode import Encoder
 from mmbert_dagster.evaluate.report import build_report, findings
 from mmbert_dagster.evaluate.suite import eval_set, strip_header
@@ -37,6 +39,12 @@ def test_eval_masking_hides_the_rate_of_ordinary_tokens_only_and_is_reproducible
     assert (again == masked).all()
     _, short = mask_for_eval(np.array([2, 50, 3]), 0.15, 4, SPECIALS.values(), torch.Generator().manual_seed(0))
     assert (short != IGNORE).sum() == 1  # at least one token is asked
+
+
+def test_masked_token_cross_entropy_is_the_mean_over_every_masked_token():
+    results = [(np.array([1, 2]), np.array([1, 3]), np.array([0.5, 1.5])), (np.array([4]), np.array([4]), np.array([4.0]))]
+    assert masked_token_cross_entropy(results) == pytest.approx(2.0)  # (0.5 + 1.5 + 4) / 3, not the mean of means
+    assert np.isnan(masked_token_cross_entropy([]))
 
 
 def test_masked_token_accuracy_counts_exact_guesses():
@@ -133,11 +141,15 @@ def test_masked_predictions_are_the_argmax_of_the_masked_lm(checkpoint):
     got = enc.masked_predictions(masked)
     ref = reference_copy(model)
     with torch.no_grad():
-        for (ids, labels), (true, pred) in zip(masked, got):
+        for (ids, labels), (true, pred, nll) in zip(masked, got):
             logits = ref(input_ids=torch.from_numpy(ids)[None]).logits[0]
             where = labels != IGNORE
             assert (true == labels[where]).all()
             assert (pred == logits[torch.from_numpy(where)].argmax(-1).numpy()).all()
+            # the cross-entropy of the true token under the model's distribution at each mask
+            ref_nll = torch.nn.functional.cross_entropy(logits[torch.from_numpy(where)], torch.from_numpy(true),
+                                                        reduction="none").numpy()
+            assert np.allclose(nll, ref_nll, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------- online tasks

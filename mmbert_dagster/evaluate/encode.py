@@ -103,9 +103,11 @@ class Encoder:
         return out
 
     @torch.no_grad()
-    def masked_predictions(self, docs: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """For (input_ids with [MASK]s, labels with IGNORE elsewhere) per text: (true ids, predicted ids) at the masks."""
-        results: list[tuple[np.ndarray, np.ndarray]] = [None] * len(docs)  # type: ignore[list-item]
+    def masked_predictions(self, docs: Sequence[tuple[np.ndarray, np.ndarray]]
+                           ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """For (input_ids with [MASK]s, labels with IGNORE elsewhere) per text: (true ids, predicted ids, the
+        cross-entropy of each true id in nats) at the masks."""
+        results: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = [None] * len(docs)  # type: ignore[list-item]
         for row in self._rows([ids for ids, _ in docs]):
             batch = collate([docs[i][0] for i in row])
             labels = np.concatenate([docs[i][1] for i in row])
@@ -114,12 +116,14 @@ class Encoder:
                 hidden = self.model.model(**inputs).last_hidden_state[0]
                 where = torch.from_numpy(labels != IGNORE).to(hidden.device)
                 logits = self.model.decoder(self.model.head(hidden[where]))
+            true = torch.from_numpy(labels[labels != IGNORE]).to(logits.device)
+            nll = torch.nn.functional.cross_entropy(logits.float(), true, reduction="none").cpu().numpy()
             pred = logits.argmax(-1).cpu().numpy()
             bounds = batch.cu_seqlens.tolist()
             offset = 0
             for j, i in enumerate(row):
                 lab = labels[bounds[j]:bounds[j + 1]]
                 n = int((lab != IGNORE).sum())
-                results[i] = (lab[lab != IGNORE], pred[offset:offset + n])
+                results[i] = (lab[lab != IGNORE], pred[offset:offset + n], nll[offset:offset + n])
                 offset += n
         return results

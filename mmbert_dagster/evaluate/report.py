@@ -19,7 +19,8 @@ from mmbert_dagster.evaluate.suite import CHANCE, TIERS
 from mmbert_dagster.render import grouped_bar_chart, inline_png, md_table, multi_line_chart, png_bytes
 
 REPORT_FILE = "report.md"
-TASK_METRICS = (("mlm", "accuracy"), ("retrieval", "accuracy@1"), ("topic_probe", "accuracy"))
+TASK_METRICS = (("mlm", "accuracy"), ("retrieval", "accuracy@1"), ("topic_probe", "accuracy"))  # higher = better
+TABLE_METRICS = (*TASK_METRICS, ("mlm", "cross_entropy"))  # shown per tier (cross-entropy: lower = better)
 NEAR_BEST = 0.95  # "keeps English near the best variant": at least this share of the best decay variant's score
 
 
@@ -137,17 +138,18 @@ def build_report(table: pl.DataFrame, *, checkpoints: Mapping[str, Path], lineag
     plots: dict[str, bytes] = {}
     sections = [f"# {title}", "", _findings_md(f), ""]
 
-    for task, metric in TASK_METRICS:
+    for task, metric in TABLE_METRICS:
         tt = _tier_table(table, task, metric, models)
         if tt.width <= 1 or not tt.height:
             continue
         tiers = tt.columns[1:]
-        plots[f"{task}_by_tier"] = png_bytes(grouped_bar_chart(
+        name = f"{task}_by_tier" if (task, metric) in TASK_METRICS else f"{task}_{metric}_by_tier"
+        plots[name] = png_bytes(grouped_bar_chart(
             tiers, {m: [float(v) for v in tt.filter(pl.col("model") == m).row(0)[1:]] for m in models},
             f"{task}: {metric} per tier", metric, hline=CHANCE.get(task), hline_label="chance" if task in CHANCE else ""))
         chance = f" (chance {CHANCE[task]:.3f})" if task in CHANCE else ""
         sections += [f"## {task} — {metric} per tier{chance}", "", md_table(tt, max_rows=50), "",
-                     f"{{plot:{task}_by_tier}}", ""]
+                     f"{{plot:{name}}}", ""]
 
     speed = table.filter(pl.col("task") == "encode").select("model", pl.col("value").round(0).cast(pl.Int64)
                                                             .alias("tokens_per_s"))
@@ -177,7 +179,9 @@ def build_report(table: pl.DataFrame, *, checkpoints: Mapping[str, Path], lineag
         sections += ["## Mixture shares per stage", "", "{plot:mixture_shares}", ""]
 
     sections += ["## How to read this", "",
-                 "- `mlm`: share of hidden held-out tokens (UDHR articles 25–30, never trained on) guessed exactly.",
+                 "- `mlm`: share of hidden held-out tokens (UDHR articles 25–30, never trained on) guessed exactly "
+                 "(`accuracy`), and the mean cross-entropy of the hidden tokens in nats (`cross_entropy`, lower is "
+                 "better: it separates small models that accuracy calls equal).",
                  "- `retrieval`: share of a language's articles whose nearest English article (cosine of mean-pooled "
                  "embeddings) is the same article — the Tatoeba/MTEB bitext stand-in.",
                  "- `topic_probe`: logistic regression on frozen embeddings, fitted on English + high-resource "

@@ -12,6 +12,8 @@ Tasks (chance levels are for the 6 articles):
 task               metric       what
 =================  ===========  ============================================================================
 mlm                accuracy     masked-token accuracy on the held-out text (15 % of tokens hidden)
+mlm                cross_entropy  mean cross-entropy (nats) of the hidden tokens (lower is better; finer than
+                                accuracy for small models)
 retrieval          accuracy@1   nearest English article by cosine of mean-pooled embeddings (chance 1/6)
 topic_probe        accuracy     logistic regression on frozen embeddings predicting the article, fitted on
                                 English + the ``probe_train_tier`` languages, tested on every other language
@@ -37,6 +39,7 @@ import torch
 from mmbert_dagster.evaluate.metrics import (
     mask_for_eval,
     masked_token_accuracy,
+    masked_token_cross_entropy,
     probe_accuracy,
     retrieval_accuracy,
 )
@@ -119,11 +122,12 @@ def score_model(name: str, enc: Encoder, evalset: pl.DataFrame, cfg: EvalConfig,
     by_lang: dict[str, list] = {}
     for i, p in zip(order, preds):
         by_lang.setdefault(langs[i], []).append(p)
-    for lang, pairs in by_lang.items():
-        acc, _ = masked_token_accuracy(pairs)
+    for lang, results in by_lang.items():
+        acc, _ = masked_token_accuracy(results)
         if not math.isnan(acc):
-            rows.append({"model": name, "task": "mlm", "lang": lang, "tier": tier_of[lang], "metric": "accuracy",
-                         "value": acc})
+            rows += [{"model": name, "task": "mlm", "lang": lang, "tier": tier_of[lang], "metric": metric,
+                      "value": value}
+                     for metric, value in (("accuracy", acc), ("cross_entropy", masked_token_cross_entropy(results)))]
 
     # --- cross-lingual retrieval against English
     eng = lang_arr == english
