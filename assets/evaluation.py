@@ -75,6 +75,7 @@ def merged_weights_match_ties(store: ArtifactStore) -> AssetCheckResult:
        description="Every checkpoint scored on held-out text per language and tier (masked-token accuracy, "
                    "cross-lingual retrieval, a cross-lingual probe, throughput, optional online tasks) + the report.")
 def benchmark_scores(context: AssetExecutionContext, store: ArtifactStore, compute: Compute) -> MaterializeResult:
+    from mmbert_dagster.evaluate.report import REPORT_FILE
     from mmbert_dagster.evaluate.scores import score_checkpoints
     from mmbert_dagster.train.device import resolve_device
 
@@ -87,8 +88,6 @@ def benchmark_scores(context: AssetExecutionContext, store: ArtifactStore, compu
             mixtures={s: mixtures.read_mixture(store.require(mixture_key(s))) for s in RECIPE.data_stages},
             device=str(resolve_device(compute.device)),  # as training: "auto" = cuda if present
             title=f"mmBERT-dagster run report — recipe `{RECIPE.name}`", log=context.log.info)
-    from mmbert_dagster.evaluate.report import REPORT_FILE
-
     report_path = store.path("benchmark_scores") / REPORT_FILE
     context.log.info(f"report: {report_path}")
     table = scores.table

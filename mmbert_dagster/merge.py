@@ -26,10 +26,11 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
+from mmbert_dagster.data.tokenizer import TOKENIZER_FILE
+
 # fields that must agree for a merge to make sense (shape and tokenizer); anything else may differ
 SHAPE_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads", "global_attn_every_n_layers", "local_attention")
-TOKENIZER_FILE = "tokenizer.json"
 WEIGHTS_FILE = "model.safetensors"  # transformers' single-file weights, as every checkpoint folder holds them
 
 

@@ -11,8 +11,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mmbert_dagster.data.shards import (
-    DOCUMENTS, INDEX_DTYPE, SHARDS_JSON, TOKENS_PER_LANGUAGE, ShardError, sha256, token_dtype,
+    DOCUMENTS, INDEX_DTYPE, SHARDS_JSON, TOKENS_PER_LANGUAGE, ShardError, token_dtype,
 )
+from mmbert_dagster.artifacts import sha256_file
+from mmbert_dagster.data.tokenizer import TOKENIZER_FILE
 
 if TYPE_CHECKING:  # polars is imported where a table is built: training reads shards without it
     import polars as pl
@@ -90,8 +92,8 @@ class ShardReader:
         """Raise ``ShardError`` unless ``tokenizer_dir`` (whose vocabulary size and special ids the caller has
         read) holds the tokenizer these shards were built with — same tokenizer.json bytes, vocabulary and
         special ids: other token ids would train silently on noise."""
-        file = Path(tokenizer_dir) / "tokenizer.json"
-        want_sha, have_sha = self.meta.get("tokenizer_sha256"), sha256(file)
+        file = Path(tokenizer_dir) / TOKENIZER_FILE
+        want_sha, have_sha = self.meta.get("tokenizer_sha256"), sha256_file(file)
         want_specials = self.special_token_ids
         problems = []
         if vocab_size != self.meta.get("vocab_size", vocab_size):

@@ -36,7 +36,6 @@ The whole eligible corpus text is held in memory (polars) while sampling: fine u
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -51,7 +50,9 @@ import numpy as np
 if TYPE_CHECKING:  # polars is imported where a table is built: training reads shards without it
     import polars as pl
 
+from mmbert_dagster.artifacts import sha256_file
 from mmbert_dagster.child import python_command, run_child
+from mmbert_dagster.data.tokenizer import TOKENIZER_FILE
 from mmbert_dagster.seeding import stable_seed
 
 SHARDS_JSON = "shards.json"
@@ -68,11 +69,6 @@ class ShardError(RuntimeError):
 def token_size_for_vocab(vocab_size: int) -> int:
     """datatrove's rule: 2-byte tokens up to 65536 entries, 4-byte above."""
     return 4 if vocab_size > np.iinfo(np.uint16).max + 1 else 2
-
-
-def sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def token_dtype(token_size: int) -> np.dtype:
@@ -229,7 +225,7 @@ def _run_child(job_path: Path, log) -> None:
 def _tokenizer_file(tokenizer_dir: Path):
     from tokenizers import Tokenizer
 
-    file = Path(tokenizer_dir) / "tokenizer.json"
+    file = Path(tokenizer_dir) / TOKENIZER_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{file}: missing; build_shards needs the tokenizer folder's tokenizer.json")
     raw = json.loads(file.read_text(encoding="utf-8"))
@@ -399,7 +395,7 @@ def build_shards(
         "files": files,
         "special_token_ids": specials,
         "document_template": "[CLS] text [SEP]" if {"cls", "sep"} <= specials.keys() else "tokenizer post-processor",
-        "tokenizer_sha256": sha256(tok_file),  # training refuses a tokenizer other than this one
+        "tokenizer_sha256": sha256_file(tok_file),  # training refuses a tokenizer other than this one
         "max_tokens_per_file": max_tokens_per_file,
         "order": "seeded shuffle of sampled copies; files in rank order, documents in file order",
     }

@@ -30,6 +30,7 @@ SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)
 MODEL_MAX_LENGTH = 8192  # ModernBERT's; the training core decides the real context length per stage
 MODEL_INPUT_NAMES = ["input_ids", "attention_mask"]  # ModernBERT takes no token_type_ids
 ROLES = ("pad", "unk", "cls", "sep", "mask", "bos", "eos")
+TOKENIZER_FILE = "tokenizer.json"  # the tokenizers-library file every tokenizer folder (and checkpoint) holds
 
 
 class TokenizerError(ValueError):
@@ -123,7 +124,7 @@ def _save_hf(tok, out_dir: Path, roles: dict[str, str | None]) -> None:
     # with no truncation or padding that would silently cut documents.
     tok.no_truncation()
     tok.no_padding()
-    tok.save(str(out_dir / "tokenizer.json"))
+    tok.save(str(out_dir / TOKENIZER_FILE))
 
 
 def train_tokenizer(
@@ -226,7 +227,7 @@ def special_token_ids(tokenizer_dir: Path) -> dict[str, int]:
     from tokenizers import Tokenizer
 
     tokenizer_dir = Path(tokenizer_dir)
-    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    tok = Tokenizer.from_file(str(tokenizer_dir / TOKENIZER_FILE))
     out = {}
     for role, content in _declared_roles(tokenizer_dir).items():
         tid = tok.token_to_id(content) if content else None
@@ -258,7 +259,7 @@ def load_pretrained_tokenizer(path: str, out_dir: Path, *, log=print) -> dict:
     if not str(path).strip():
         raise TokenizerError("load_pretrained_tokenizer: empty path")
     if src.is_dir():
-        file = src / "tokenizer.json"
+        file = src / TOKENIZER_FILE
         if not file.is_file():
             raise TokenizerError(
                 f"{src}: tokenizer folder has no tokenizer.json (only fast tokenizers are supported; "
@@ -354,8 +355,6 @@ def tokens_per_byte(tokenizer_dir: Path, docs: pl.DataFrame, cfg: TokenizerConfi
         schema={"lang": pl.String, "tokens_per_byte": pl.Float64},
     )
 
-
-TOKENIZER_FILE = "tokenizer.json"  # the tokenizers-library file every tokenizer folder (and checkpoint) holds
 
 
 def load_tokenizer(folder: Path):

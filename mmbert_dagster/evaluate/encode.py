@@ -40,14 +40,12 @@ class Encoder:
     throughput: Throughput = field(default_factory=Throughput)
 
     def __post_init__(self):
-        from tokenizers import Tokenizer
-
-        from mmbert_dagster.data.tokenizer import special_token_ids
+        from mmbert_dagster.data.tokenizer import load_tokenizer, special_token_ids
         from mmbert_dagster.train.model import load_model
 
         self.folder = Path(self.folder)
         self.model = load_model(self.folder).to(self.device).eval()
-        self.tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
+        self.tokenizer = load_tokenizer(self.folder)
         self.tokenizer.encode_special_tokens = True  # a literal "[MASK]" in held-out text is text, as in the shards
         self.specials = special_token_ids(self.folder)
         if not {"cls", "sep", "mask"} <= set(self.specials):  # a tokenizer without our config files: the model's ids

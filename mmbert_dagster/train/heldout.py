@@ -14,16 +14,15 @@ import torch
 
 from mmbert_dagster.recipe import Stage
 from mmbert_dagster.train.device import autocast_for
-from mmbert_dagster.train.inputs import TOKENIZER_JSON, Vocabulary
+from mmbert_dagster.data.tokenizer import load_tokenizer
+from mmbert_dagster.train.inputs import Vocabulary
 from mmbert_dagster.train.masking import mask_batch, micro_batch_generator
 from mmbert_dagster.train.packing import IGNORE, Packer
 
 
 def encode_texts(texts: Sequence[str], tokenizer_dir: Path) -> list[np.ndarray]:
     """Token ids of the non-empty texts, as in the shards (a literal "[MASK]" in a text is text)."""
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(Path(tokenizer_dir) / TOKENIZER_JSON))
+    tok = load_tokenizer(tokenizer_dir)
     tok.encode_special_tokens = True
     docs = [np.asarray(e.ids, dtype=np.int64) for e in tok.encode_batch([t for t in texts if t])]
     return [d for d in docs if d.size]

@@ -9,14 +9,12 @@ train a mid-training checkpoint on shards whose ids no longer line up with its e
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from mmbert_dagster.data.shard_reader import ShardReader
-from mmbert_dagster.data.tokenizer import special_token_ids
-
-TOKENIZER_JSON = "tokenizer.json"
+from mmbert_dagster.artifacts import sha256_file
+from mmbert_dagster.data.tokenizer import TOKENIZER_FILE, load_tokenizer, special_token_ids
 
 
 class TokenizerMismatch(ValueError):
@@ -42,31 +40,22 @@ class Vocabulary:
 
 def read_vocabulary(tokenizer_dir: Path) -> Vocabulary:
     """The vocabulary of a tokenizer folder; ``ValueError`` if it is not one or lacks a pad/cls/sep/mask token."""
-    from tokenizers import Tokenizer
-
-    file = Path(tokenizer_dir) / TOKENIZER_JSON
-    if not file.is_file():
-        raise ValueError(f"{file}: missing; {tokenizer_dir} is not a tokenizer folder")
+    tok = load_tokenizer(tokenizer_dir)  # TokenizerError (a ValueError) naming the file if it is missing
     specials = special_token_ids(Path(tokenizer_dir))
     missing = {"pad", "cls", "sep", "mask"} - set(specials)
     if missing:
         raise ValueError(f"{tokenizer_dir}: the tokenizer declares no {sorted(missing)} token(s)")
-    return Vocabulary(Tokenizer.from_file(str(file)).get_vocab_size(), specials)
-
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    return Vocabulary(tok.get_vocab_size(), specials)
 
 
 def check_init_tokenizer(init_from: Path, tokenizer_dir: Path) -> None:
     """Raise ``TokenizerMismatch`` unless the checkpoint ``init_from`` was trained with ``tokenizer_dir``'s tokenizer
     (the same ``tokenizer.json`` bytes)."""
-    have, want = Path(init_from) / TOKENIZER_JSON, Path(tokenizer_dir) / TOKENIZER_JSON
+    have, want = Path(init_from) / TOKENIZER_FILE, Path(tokenizer_dir) / TOKENIZER_FILE
     if not have.is_file():
         raise TokenizerMismatch(f"{have}: missing, so the init checkpoint cannot be checked against the stage's "
                                 f"tokenizer {want}; continue only from a stage output (it carries its tokenizer)")
-    have_sha, want_sha = file_sha256(have), file_sha256(want)
+    have_sha, want_sha = sha256_file(have), sha256_file(want)
     if have_sha != want_sha:
         raise TokenizerMismatch(
             f"the init checkpoint was trained with another tokenizer than this stage's: {have} (SHA-256 "
