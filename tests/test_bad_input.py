@@ -52,6 +52,14 @@ def expect_refused(home: Path, before: dict, code: int, out: str, *needles: str)
     assert not [p for p in home.glob("e2e/.*") if ".tmp-" in p.name], "a temporary folder was left behind"
 
 
+def expect_recipe_refused(graph, tmp_path: Path, keys: list[str], recipe: Path, select: str, *needles: str) -> None:
+    """Materialize ``select`` under ``recipe`` in a copy of the graph's ``keys``: refused, naming ``needles``."""
+    home = copy_home(graph, tmp_path / "home", keys)
+    before = snapshot(home)
+    code, out = materialize(home, select, recipe=recipe)
+    expect_refused(home, before, code, out, *needles)
+
+
 # ---------------------------------------------------------------- corpus files (raw_corpus)
 
 def _malformed(tmp: Path) -> tuple[Path, list[str]]:
@@ -120,34 +128,27 @@ def test_a_lone_surrogate_is_skipped_and_counted_when_asked(tmp_path):
     ('init_from = "midtrain"', 'init_from = "decay_all"', ["stages.decay_eng.init_from: must name an earlier stage"]),
 ], ids=["language_code", "tau", "mask_rate", "unknown_field", "heads", "lr_peak", "init_from"])
 def test_bad_recipe_values_are_refused_by_field(graph, tmp_path, old, new, needles):
-    home = copy_home(graph, tmp_path / "home", CORPUS_KEYS)
-    before = snapshot(home)
     recipe = recipe_with(tmp_path, old, new)
-    code, out = materialize(home, "raw_corpus", recipe=recipe)
-    expect_refused(home, before, code, out, str(recipe), *needles)
+    expect_recipe_refused(graph, tmp_path, CORPUS_KEYS, recipe, "raw_corpus", str(recipe), *needles)
 
 
 # ---------------------------------------------------------------- settings that leave nothing to train on
 
 @pytest.mark.slow
 def test_filters_that_drop_every_document_are_refused_naming_filter_and_setting(graph, tmp_path):
-    home = copy_home(graph, tmp_path / "home", ["raw_corpus", "filtered_corpus"])
-    before = snapshot(home)
     recipe = recipe_with(tmp_path, "min_doc_words = 30", "min_doc_words = 100000")
-    code, out = materialize(home, "filtered_corpus", recipe=recipe)
-    expect_refused(home, before, code, out, f"{recipe}: [filters] removed all",
-                   "gopher_quality dropped", "(gopher_short_doc: ", "min_doc_words = 100000")
+    expect_recipe_refused(graph, tmp_path, ["raw_corpus", "filtered_corpus"], recipe, "filtered_corpus",
+                          f"{recipe}: [filters] removed all", "gopher_quality dropped", "(gopher_short_doc: ",
+                          "min_doc_words = 100000")
 
 
 # ---------------------------------------------------------------- artifacts that do not fit together
 
 @pytest.mark.slow
 def test_a_budget_that_cannot_be_met_names_the_stage_field(graph, tmp_path):
-    home = copy_home(graph, tmp_path / "home", ["language_stats", "tokenizer"])
-    before = snapshot(home)
     recipe = recipe_with(tmp_path, "tokens = 100_000", "tokens = 100_000_000_000")
-    code, out = materialize(home, "mixture_pretrain", recipe=recipe)
-    expect_refused(home, before, code, out, "tokens: the budget of 100,000,000,000 tokens cannot be met")
+    expect_recipe_refused(graph, tmp_path, ["language_stats", "tokenizer"], recipe, "mixture_pretrain",
+                          "tokens: the budget of 100,000,000,000 tokens cannot be met")
 
 
 @pytest.mark.slow
