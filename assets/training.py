@@ -39,23 +39,31 @@ def stage_inputs(stage_name: str) -> dict[str, str]:
 
 def build_training_asset(stage_name: str) -> AssetsDefinition:
     key, inputs = checkpoint_key(stage_name), stage_inputs(stage_name)
+    version = code_version("model", "seed", f"stages.{stage_name}", modules=CORE_MODULES)
 
-    @asset(name=key, group_name="training", deps=list(inputs.values()), pool="gpu",
-           code_version=code_version("model", "seed", f"stages.{stage_name}", modules=CORE_MODULES))
+    @asset(name=key, group_name="training", deps=list(inputs.values()), pool="gpu", code_version=version)
     def _train(context: AssetExecutionContext, store: ArtifactStore, compute: Compute) -> MaterializeResult:
-        from mmbert_dagster.train.stage_run import discard_work_dir, train_checkpoint
+        from mmbert_dagster.train.stage_run import discard_work_dir, reusable_checkpoint, train_checkpoint
 
         stage = RECIPE.stage(stage_name)
         up = {role: store.require(k) for role, k in inputs.items()}
-        langs = mixtures.read_mixture(up["mixture"])["lang"].to_list()
-        with store.write(key) as out:
-            result = train_checkpoint(
-                stage, RECIPE.model, shards_dir=up["shards"], tokenizer_dir=up["tokenizer"], init_from=up.get("init"),
-                upstream={inputs[r]: up[r] for r in ("shards", "tokenizer", "init") if r in up}, out_dir=out,
-                work_dir=store.work_dir(key), heldout_texts=sources.heldout_texts(up["raw_corpus"], langs, HELDOUT_DOCS),
-                seed=RECIPE.seed, settings=compute.train_settings(), log=context.log.info)
-        discard_work_dir(store.work_dir(key))  # the resume state now travels in the checkpoint's trainer_state/
-        return MaterializeResult(metadata=training_metadata(key, result, store))
+        upstream = {inputs[r]: up[r] for r in ("shards", "tokenizer", "init") if r in up}
+        result = reusable_checkpoint(store.path(key), upstream, version) if compute.reuse_checkpoints else None
+        reused = result is not None
+        if reused:
+            context.log.info(f"{key}: reusing {store.path(key)} — trained from the same inputs and code version "
+                             f"(compute.reuse_checkpoints)")
+        else:
+            langs = mixtures.read_mixture(up["mixture"])["lang"].to_list()
+            with store.write(key) as out:
+                result = train_checkpoint(
+                    stage, RECIPE.model, shards_dir=up["shards"], tokenizer_dir=up["tokenizer"],
+                    init_from=up.get("init"), upstream=upstream, out_dir=out, work_dir=store.work_dir(key),
+                    heldout_texts=sources.heldout_texts(up["raw_corpus"], langs, HELDOUT_DOCS),
+                    seed=RECIPE.stage_seed(stage_name), settings=compute.train_settings(), version=version,
+                    log=context.log.info)
+            discard_work_dir(store.work_dir(key))  # the resume state now travels in the checkpoint's trainer_state/
+        return MaterializeResult(metadata={**training_metadata(key, result, store), "reused": reused})
 
     return _train
 

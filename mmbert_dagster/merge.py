@@ -1,4 +1,5 @@
-"""TIES merging of the decay variants (mmBERT's final model), through mergekit.
+"""TIES merging of the decay variants (mmBERT's final model), and the plain average it is compared with, through
+mergekit.
 
 TIES (Yadav et al., 2023) relative to a base model (the mid-training checkpoint), per tensor:
 
@@ -17,6 +18,9 @@ checkpoints; see tests/test_merge.py). What it does not do, we do here: check th
 architecture and tokenizer before merging (mergekit would merge mismatched vocabularies or fail deep inside),
 keep our config.json (context and RoPE θ of the base), and write the folder atomically (the caller's
 ``atomic_dir``).
+
+``method = "linear"`` (the ablation "TIES vs averaging"): mergekit's ``linear``, the weighted mean of the
+models' weights, ``Σ w_i θ_i / Σ w_i`` — no base, no trimming, no sign election.
 """
 
 from __future__ import annotations
@@ -63,8 +67,15 @@ def check_mergeable(base: Path, models: Mapping[str, Path]) -> dict:
 
 
 def mergekit_config(base: Path, models: Mapping[str, Path], weights: Mapping[str, float], density: float,
-                    scale: float) -> dict:
-    """The mergekit YAML (as a dict) for TIES with a disjoint weighted mean."""
+                    scale: float, method: str = "ties") -> dict:
+    """The mergekit YAML (as a dict) for TIES with a disjoint weighted mean, or for a weighted average."""
+    if method == "linear":
+        return {"merge_method": "linear",
+                "models": [{"model": str(models[name]), "parameters": {"weight": float(weights[name])}}
+                           for name in models],
+                "parameters": {"normalize": True}, "dtype": "float32", "out_dtype": "float32"}
+    if method != "ties":
+        raise MergeError(f"unknown merge method {method!r}; methods are ties, linear")
     return {
         "merge_method": "ties",
         "base_model": str(base),
@@ -100,9 +111,19 @@ def ties_reference(base, tensors, weights, density: float, scale: float = 1.0):
     return (base.float().flatten() + scale * merged).view_as(base)
 
 
-def ties_merge(base: Path | str, models: Mapping[str, Path | str], out_dir: Path | str, *,
-               weights: Mapping[str, float], density: float = 0.8, scale: float = 1.0, log=print) -> dict:
-    """TIES-merge ``models`` (name -> HF folder) relative to ``base`` into the (empty) folder ``out_dir``.
+def linear_reference(tensors, weights):
+    """The weighted mean of one tensor of every model (mergekit ``linear`` with ``normalize``)."""
+    import torch
+
+    w = torch.tensor([float(x) for x in weights]).view(-1, *([1] * tensors[0].dim()))
+    return (torch.stack([t.float() for t in tensors]) * w).sum(0) / w.sum()
+
+
+def merge_checkpoints(base: Path | str, models: Mapping[str, Path | str], out_dir: Path | str, *,
+                      weights: Mapping[str, float], density: float = 0.8, scale: float = 1.0, method: str = "ties",
+                      log=print) -> dict:
+    """Merge ``models`` (name -> HF folder) into the (empty) folder ``out_dir``: TIES relative to ``base``, or
+    (``method="linear"``) their weighted average (``base`` then gives only the config and tokenizer).
 
     Writes config.json (the base's), model.safetensors and the tokenizer files; returns a summary.
     """
@@ -117,9 +138,12 @@ def ties_merge(base: Path | str, models: Mapping[str, Path | str], out_dir: Path
     if not 0 < density <= 1:
         raise MergeError(f"density must be in (0, 1], got {density}")
     base_cfg = check_mergeable(base, models)
-    config = mergekit_config(base, models, weights, density, scale)
-    log(f"TIES merge of {', '.join(models)} onto {base.name}: density {density}, weights "
-        f"{dict(weights)}, scale {scale}")
+    config = mergekit_config(base, models, weights, density, scale, method)
+    if method == "ties":
+        log(f"TIES merge of {', '.join(models)} onto {base.name}: density {density}, weights "
+            f"{dict(weights)}, scale {scale}")
+    else:
+        log(f"linear merge (weighted average) of {', '.join(models)}: weights {dict(weights)}")
     scratch = out_dir / ".mergekit"
     run_merge(MergeConfiguration.model_validate(config), str(scratch),
               options=MergeOptions(copy_tokenizer=False, lazy_unpickle=False, low_cpu_memory=False,
@@ -136,14 +160,16 @@ def ties_merge(base: Path | str, models: Mapping[str, Path | str], out_dir: Path
         if f.is_file() and (f.name.startswith(("tokenizer", "special_tokens")) or f.name == "vocab.json"):
             shutil.copy2(f, out_dir / f.name)
     (out_dir / "merge_config.json").write_text(json.dumps(config, indent=1))
-    return {"method": "ties", "density": density, "scale": scale, "weights": dict(weights),
+    return {"method": method, "density": density, "scale": scale, "weights": dict(weights),
             "models": {k: str(v) for k, v in models.items()}, "base": str(base)}
 
 
 def compare_with_reference(merged: Path, base: Path, models: Mapping[str, Path], *, weights: Mapping[str, float],
-                           density: float, scale: float = 1.0, max_elements: int = 4_000_000) -> dict:
-    """Re-compute TIES for every tensor of up to ``max_elements`` with :func:`ties_reference` and compare it with
-    the merged folder's weights: ``{"tensors", "re_computed", "max_abs_difference", "non_finite"}``."""
+                           density: float, scale: float = 1.0, method: str = "ties",
+                           max_elements: int = 4_000_000) -> dict:
+    """Re-compute the merge for every tensor of up to ``max_elements`` with :func:`ties_reference` (or
+    :func:`linear_reference`) and compare it with the merged folder's weights: ``{"tensors", "re_computed",
+    "max_abs_difference", "non_finite"}``."""
     from safetensors.torch import load_file
 
     def weights_of(folder: Path) -> dict:
@@ -155,8 +181,9 @@ def compare_with_reference(merged: Path, base: Path, models: Mapping[str, Path],
     for key, t in out.items():
         if key not in ref_base or t.numel() > max_elements:
             continue
-        ref = ties_reference(ref_base[key], [inputs[m][key] for m in models], [weights[m] for m in models],
-                             density, scale)
+        tensors, w = [inputs[m][key] for m in models], [weights[m] for m in models]
+        ref = (ties_reference(ref_base[key], tensors, w, density, scale) if method == "ties"
+               else linear_reference(tensors, w))
         worst = max(worst, float((ref - t.float()).abs().max()))
         checked += 1
     return {"tensors": len(out), "re_computed": checked, "max_abs_difference": worst,

@@ -7,7 +7,13 @@ fields of this file (settings of *where* work runs — devices, processes — li
 The stage graph is the recipe: every ``[stages.X]`` (other than ``base``) is a training stage with a mixture,
 shards and a checkpoint; ``init_from`` names the earlier stage it continues from, ``data_from`` another stage
 whose mixture and shards it reuses (a stage that differs only in training settings), ``[merge] weights`` the
-stages merged. :func:`checkpoint_key` and :func:`mixture_key` / :func:`shards_key` name their assets.
+stages merged into ``merged_model`` (and ``[merges.<key>]`` further merges, e.g. a plain average).
+:func:`checkpoint_key` and :func:`mixture_key` / :func:`shards_key` name their assets.
+
+Two recipe-level conveniences keep variants short: ``include = "<preset>"`` starts from another preset (tables
+are merged, stages appended — the artifacts keep that preset's name, so a variant reuses them), and
+``[replicas]`` repeats the stages and merges it names with other seeds (``<name>_seed<N>``: same data, another
+data order, masks and merge), so a comparison can be measured over seeds.
 """
 
 from __future__ import annotations
@@ -28,7 +34,9 @@ PAPER_STAGES = ("pretrain", "midtrain", "decay_eng", "decay_cont", "decay_all") 
 DATA_FIELDS = ("languages", "tau", "tokens", "max_repeat", "english_boost")
 # asset keys that are not stages' (a stage's keys must not collide with them)
 OTHER_KEYS = ("raw_corpus", "filtered_corpus", "language_id_model", "language_id_table", "language_stats",
-              "tokenizer", "merged_model", "benchmark_scores")
+              "tokenizer", "benchmark_scores")
+MERGED_MODEL = "merged_model"  # the asset key of the ``[merge]`` section's merge (mmBERT's final model)
+MERGE_METHODS = ("ties", "linear")
 STAGE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
 LANG_CODE = re.compile(r"^[a-z]{3}_[A-Z][a-z]{3}$")  # ISO 639-3 + ISO 15924 script, e.g. deu_Latn
 
@@ -89,14 +97,18 @@ class FilterConfig:
 class TokenizerConfig:
     pretrained_path: str = ""  # a tokenizer.json file or HF folder (e.g. Gemma-2's); empty = train BPE
     vocab_size: int = 8192
-    sample_bytes_per_lang: int = 100_000  # training sample: up to this much text from every language
+    sample_bytes_per_lang: int = 100_000  # training sample: this much text per language on average ...
+    sample_tau: float = 0.0  # ... shared ∝ a language's bytes ** sample_tau (0: the same for every language; the
+    # pre-training τ gives the large languages, which most tokens come from, a vocabulary of their own)
     min_frequency: int = 2
 
 
 @dataclass(frozen=True)
 class MergeConfig:
-    """TIES merge of the decay variants relative to the mid-training checkpoint (paper: all three, density 0.8)."""
+    """TIES merge of the decay variants relative to the mid-training checkpoint (paper: all three, density 0.8);
+    ``method = "linear"``: mergekit's plain weighted average of the weights (density unused) — the ablation."""
 
+    method: str = "ties"  # "ties" | "linear"
     density: float = 0.8  # fraction of each task vector kept (largest magnitudes): trims the 20 % smallest deltas
     weights: dict[str, float] = field(default_factory=lambda: {"decay_eng": 1.0, "decay_cont": 1.0, "decay_all": 1.0})
     scale: float = 1.0  # lambda: the merged task vector is multiplied by this before it is added back
@@ -153,6 +165,17 @@ class Stage:
     data_from: str = ""  # "" (own mixture and shards) or the stage whose mixture and shards this stage reuses
     shuffle_window_docs: int = 64  # pieces of this many consecutive documents are read in a shuffled order
     # (train/packing.py); 1 reads them in order, so one long document fills several optimizer steps in a row
+    seed: int = 0  # 0 = the recipe's seed; another value trains the same stage with another data order and masks
+    # (and init, from random) — what [replicas] sets
+
+
+@dataclass(frozen=True)
+class Replicas:
+    """The stages and merges trained again with other seeds, so that comparisons can be measured over seeds."""
+
+    seeds: tuple[int, ...] = ()  # extra seeds (the originals keep the recipe's seed)
+    stages: tuple[str, ...] = ()  # each gets <stage>_seed<N>, reusing the stage's mixture and shards
+    merges: tuple[str, ...] = ()  # each gets <merge>_seed<N>, merging the stages' replicas of that seed
 
 
 @dataclass(frozen=True)
@@ -168,8 +191,10 @@ class Recipe:
     english: str  # the English code English-boosted stages refer to
     seed: int
     stages: dict[str, Stage] = field(default_factory=dict)
-    merge: MergeConfig = field(default_factory=MergeConfig)
+    merges: dict[str, MergeConfig] = field(default_factory=dict)  # asset key -> merge; [merge] is merged_model
+    replicas: Replicas = field(default_factory=Replicas)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    include: str = ""  # the preset this recipe started from (see the module docstring)
 
     def stage(self, name: str) -> Stage:
         try:
@@ -187,9 +212,33 @@ class Recipe:
         return [name for name, s in self.stages.items() if not s.data_from]
 
     @property
+    def merge(self) -> MergeConfig:
+        """The ``[merge]`` section: the merge that gives ``merged_model``."""
+        return self.merges[MERGED_MODEL]
+
+    def merge_base_of(self, key: str) -> str:
+        """The stage every stage of merge ``key`` continues from: task vectors are taken relative to its checkpoint."""
+        return self.stage(next(iter(self.merges[key].weights))).init_from
+
+    @property
     def merge_base(self) -> str:
-        """The stage every merged stage continues from: TIES task vectors are taken relative to its checkpoint."""
-        return self.stage(next(iter(self.merge.weights))).init_from
+        return self.merge_base_of(MERGED_MODEL)
+
+    def stage_seed(self, name: str) -> int:
+        """The seed stage ``name`` trains with: its own ``seed`` if set, else the recipe's."""
+        return self.stage(name).seed or self.seed
+
+    def seed_groups(self) -> dict[str, list[str]]:
+        """checkpoint or merge key -> that key and its seed replicas' keys (findings average over a group); a
+        replica is only in its original's group."""
+        key = lambda name: checkpoint_key(name) if name in self.stages else name  # noqa: E731
+        groups = {key(name): [key(name)] + [key(replica_name(name, s)) for s in self.replicas.seeds]
+                  for name in (*self.replicas.stages, *self.replicas.merges)}
+        replicas = {k for keys in groups.values() for k in keys[1:]}
+        for k in [*map(checkpoint_key, self.stages), *self.merges]:
+            if k not in replicas:
+                groups.setdefault(k, [k])
+        return groups
 
     def lineage(self) -> dict[str, str | None]:
         """checkpoint key -> the checkpoint key it continues from (None: random init), in recipe order."""
@@ -213,6 +262,11 @@ def checkpoint_key(stage: str) -> str:
     the stage itself (``decay_all``, ``decay_all_mask30``); any other stage's is ``<stage>_checkpoint``
     (``pretrain_checkpoint``)."""
     return stage if stage.startswith("decay") else f"{stage}_checkpoint"
+
+
+def replica_name(name: str, seed: int) -> str:
+    """The stage or merge that ``[replicas]`` derives from ``name`` for ``seed``."""
+    return f"{name}_seed{seed}"
 
 
 def mixture_key(stage: str) -> str:
@@ -263,6 +317,7 @@ def _validate_stage(s: Stage, where: str) -> None:
     _check(s.warmup_tokens >= 0, f"{where}.warmup_tokens", f"must be >= 0, got {s.warmup_tokens!r}")
     _check(s.weight_decay >= 0, f"{where}.weight_decay", f"must be >= 0, got {s.weight_decay!r}")
     _check(s.shuffle_window_docs >= 1, f"{where}.shuffle_window_docs", f"must be >= 1, got {s.shuffle_window_docs!r}")
+    _check(isinstance(s.seed, int) and s.seed >= 0, f"{where}.seed", f"must be an integer >= 0, got {s.seed!r}")
     if isinstance(s.languages, str):
         _check(s.languages == "all", f"{where}.languages", f"must be a count, 'all' or a list of codes, got {s.languages!r}")
     elif isinstance(s.languages, int):
@@ -275,6 +330,7 @@ def _validate_stage(s: Stage, where: str) -> None:
 
 def _build_merge(table: dict, where: str, stages: dict[str, Stage]) -> MergeConfig:
     merge = _build(MergeConfig, table, where)
+    _check(merge.method in MERGE_METHODS, f"{where}.method", f"must be one of {MERGE_METHODS}, got {merge.method!r}")
     _check(0 < merge.density <= 1, f"{where}.density", f"must be in (0, 1], got {merge.density}")
     _check(merge.scale > 0, f"{where}.scale", f"must be > 0, got {merge.scale}")
     unknown = [m for m in merge.weights if m not in stages]
@@ -285,6 +341,47 @@ def _build_merge(table: dict, where: str, stages: dict[str, Stage]) -> MergeConf
     _check(len(set(parents.values())) == 1 and all(parents.values()), f"{where}.weights",
            f"the merged stages must continue from one stage (task vectors are relative to it); init_from: {parents}")
     return merge
+
+
+def _build_merges(data: dict, source: str, stages: dict[str, Stage]) -> dict[str, MergeConfig]:
+    """``[merge]`` (= merged_model) and every ``[merges.<key>]``, each validated against the stages."""
+    merges = {MERGED_MODEL: _build_merge(data.pop("merge", {}), f"{source}: [merge]", stages)}
+    extra = data.pop("merges", {})
+    _check(isinstance(extra, dict), f"{source}: merges", "must be a table of [merges.<key>] tables")
+    for key, table in extra.items():
+        where = f"{source}: [merges.{key}]"
+        _check(STAGE_NAME.match(key) is not None, where, "a merge key is lower-case letters, digits and '_'")
+        _check(key != MERGED_MODEL, where, "merged_model is the [merge] section's; name this merge otherwise")
+        _check(isinstance(table, dict), where, "must be a table")
+        merges[key] = _build_merge(table, where, stages)
+    return merges
+
+
+def _expand_replicas(rep: Replicas, stages: dict[str, Stage], merges: dict[str, MergeConfig], source: str
+                     ) -> tuple[dict[str, Stage], dict[str, MergeConfig]]:
+    """The recipe's stages and merges plus ``<name>_seed<N>`` for every seed and listed stage / merge. A replica
+    trains on its original's data (``data_from``) and continues from its parent's replica of the same seed when
+    the parent is replicated too, else from the parent itself."""
+    where = f"{source}: [replicas]"
+    _check(all(isinstance(x, int) and x > 0 for x in rep.seeds) and len(set(rep.seeds)) == len(rep.seeds),
+           f"{where}.seeds", f"must be distinct positive integers, got {list(rep.seeds)}")
+    unknown = [n for n in rep.stages if n not in stages]
+    _check(not unknown, f"{where}.stages", f"unknown stage(s) {unknown}; stages are {list(stages)}")
+    unknown = [m for m in rep.merges if m not in merges]
+    _check(not unknown, f"{where}.merges", f"unknown merge(s) {unknown}; merges are {list(merges)}")
+    _check(bool(rep.seeds) or not (rep.stages or rep.merges), f"{where}.seeds", "name at least one seed")
+    stages, merges = dict(stages), dict(merges)
+    for seed in rep.seeds:
+        for name in [n for n in list(stages) if n in rep.stages]:
+            s = stages[name]
+            init = replica_name(s.init_from, seed) if s.init_from in rep.stages else s.init_from
+            stages[replica_name(name, seed)] = dataclasses.replace(
+                s, name=replica_name(name, seed), seed=seed, data_from=s.data_from or name, init_from=init)
+        for key in rep.merges:
+            m = merges[key]
+            weights = {(replica_name(n, seed) if n in rep.stages else n): w for n, w in m.weights.items()}
+            merges[replica_name(key, seed)] = dataclasses.replace(m, weights=weights)
+    return stages, merges
 
 
 def _validate_shape(m: ModelShape, where: str) -> None:
@@ -301,7 +398,7 @@ def _validate_shape(m: ModelShape, where: str) -> None:
     _check(m.local_rope_theta > 0, f"{where}.local_rope_theta", f"must be > 0, got {m.local_rope_theta}")
 
 
-def _validate_graph(stages: dict[str, Stage], source: str) -> None:
+def _validate_graph(stages: dict[str, Stage], source: str, merges: dict[str, MergeConfig]) -> None:
     """init_from names an earlier stage; data_from a stage with its own data and the same data fields; keys unique."""
     order = list(stages)
     for i, (name, s) in enumerate(stages.items()):
@@ -322,7 +419,7 @@ def _validate_graph(stages: dict[str, Stage], source: str) -> None:
                 _check(mine == theirs, f"{where}.{f}",
                        f"{mine!r} differs from stages.{s.data_from}.{f} = {theirs!r}, but data_from = "
                        f"{s.data_from!r} reuses that stage's mixture and shards; drop data_from or the difference")
-    keys = [k for n in stages for k in (checkpoint_key(n), mixture_key(n), shards_key(n))] + list(OTHER_KEYS)
+    keys = [k for n in stages for k in (checkpoint_key(n), mixture_key(n), shards_key(n))] + list(OTHER_KEYS) + list(merges)
     clashes = sorted({k for k in keys if keys.count(k) > 1})
     _check(not clashes, f"{source}: stages", f"stage names give clashing asset keys {clashes}; rename the stage")
 
@@ -345,23 +442,47 @@ def _build_eval(table: dict, where: str) -> EvalConfig:
     return ev
 
 
-def load_recipe(preset_or_path: str | Path = "tiny") -> Recipe:
-    """Load a preset by name (``tiny``, ``small``, ``base``) or a recipe TOML file by path, and validate it."""
+def _preset_text(preset_or_path: str | Path) -> tuple[str, str]:
+    """(source name, TOML text) of a preset name or a .toml path."""
     text_path = Path(str(preset_or_path))
     if text_path.suffix == ".toml":
         if not text_path.is_file():
             raise RecipeError(f"{text_path}: recipe file does not exist")
-        source, raw = str(text_path), text_path.read_text()
-    else:
-        available = sorted(p.name[:-5] for p in resources.files("mmbert_dagster.recipes").iterdir() if p.name.endswith(".toml"))
-        if str(preset_or_path) not in available:
-            raise RecipeError(f"unknown preset {preset_or_path!r}; presets are {available} (or pass a .toml path)")
-        ref = resources.files("mmbert_dagster.recipes") / f"{preset_or_path}.toml"
-        source, raw = f"recipes/{preset_or_path}.toml", ref.read_text()
+        return str(text_path), text_path.read_text()
+    available = sorted(p.name[:-5] for p in resources.files("mmbert_dagster.recipes").iterdir() if p.name.endswith(".toml"))
+    if str(preset_or_path) not in available:
+        raise RecipeError(f"unknown preset {preset_or_path!r}; presets are {available} (or pass a .toml path)")
+    ref = resources.files("mmbert_dagster.recipes") / f"{preset_or_path}.toml"
+    return f"recipes/{preset_or_path}.toml", ref.read_text()
+
+
+def _merge_tables(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``: tables merged key by key (new stages appended in order), values replaced."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge_tables(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_toml(preset_or_path: str | Path, chain: tuple[str, ...] = ()) -> tuple[str, dict]:
+    """A recipe's TOML as a dict, with its ``include`` resolved (the included preset underneath)."""
+    source, raw = _preset_text(preset_or_path)
     try:
         data = tomllib.loads(raw)
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(f"{source}: not valid TOML: {e}") from e
+    include = data.pop("include", "")
+    if include:
+        _check(isinstance(include, str), f"{source}: include", f"must be a preset name or .toml path, got {include!r}")
+        _check(source not in chain, f"{source}: include", f"cycle {' -> '.join((*chain, source))}")
+        _, base = _read_toml(include, (*chain, source))
+        data = {**_merge_tables(base, data), "include": str(include)}
+    return source, data
+
+
+def load_recipe(preset_or_path: str | Path = "tiny") -> Recipe:
+    """Load a preset by name (``tiny``, ``small``, ``base``) or a recipe TOML file by path, and validate it."""
+    source, data = _read_toml(preset_or_path)
     return recipe_from_dict(data, source)
 
 
@@ -401,8 +522,11 @@ def recipe_from_dict(data: dict, source: str = "<dict>") -> Recipe:
         stage = _build(Stage, resolve(name), where, name=name)
         _validate_stage(stage, where)
         stages[name] = stage
-    _validate_graph(stages, source)
-    built["merge"] = _build_merge(data.pop("merge", {}), f"{source}: [merge]", stages)
+    merges = _build_merges(data, source, stages)
+    replicas = _build(Replicas, data.pop("replicas", {}), f"{source}: [replicas]")
+    stages, merges = _expand_replicas(replicas, stages, merges, source)
+    _validate_graph(stages, source, merges)
+    built.update(merges=merges, replicas=replicas)
 
     top = {k: data.pop(k) for k in list(data)}
     recipe = _build(Recipe, top, f"{source}: top level", source_file=source, stages=stages, **built)

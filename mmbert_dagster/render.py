@@ -116,3 +116,31 @@ def line_chart_md(values: list[float], title: str, xlabel: str, ylabel: str) -> 
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     return png_markdown(fig, title)
+
+
+def delta_chart(frame: pl.DataFrame, title: str, ylabel: str):
+    """Per-language differences with their intervals (``frame``: lang, tier, delta, low, high), sorted by delta,
+    coloured by tier, with a line at 0 (no difference)."""
+    plt = _plt()
+    tier_colours = {"english": "#4C72B0", "high": "#55A868", "mid": "#8172B2", "low": "#C44E52", "unseen": "#937860"}
+    rows = frame.sort("delta", "lang")
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * rows.height), 3.4))
+    x = list(range(rows.height))
+    delta, low, high = rows["delta"].to_list(), rows["low"].to_list(), rows["high"].to_list()
+    tiers = rows["tier"].to_list()
+    extra = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"])
+    order = list(tier_colours)
+    present = sorted(set(tiers), key=lambda t: (order.index(t) if t in order else len(order), t))
+    colours = {t: tier_colours.get(t) or next(extra, "grey") for t in present}  # legend in tier order
+    for tier, colour in colours.items():
+        idx = [i for i, t in enumerate(tiers) if t == tier]
+        ax.errorbar([x[i] for i in idx], [delta[i] for i in idx],
+                    yerr=[[delta[i] - low[i] for i in idx], [high[i] - delta[i] for i in idx]],
+                    fmt="o", markersize=3.5, capsize=2, linewidth=1, color=colour, label=tier)
+    ax.axhline(0.0, color="grey", linestyle="--", linewidth=1)
+    ax.set_xticks(x, rows["lang"].to_list(), rotation=75, fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if colours:
+        ax.legend(fontsize=7, title="tier", title_fontsize=7)
+    return fig

@@ -117,6 +117,8 @@ class Compute(ConfigurableResource):
     launch_prefix: list[str] = []  # starts torchrun on every node, e.g. ["srun", "--nodes=4", "--ntasks-per-node=1"]
     checkpoint_every: int = 25  # optimizer steps between resume checkpoints of a training stage
     micro_batch_tokens: int = 0  # tokens per micro-batch and process; 0: the device's default (train/device.py)
+    reuse_checkpoints: bool = False  # a stage whose committed checkpoint was trained from the same inputs and code
+    # version is not trained again (training is deterministic); `make repro` sets it (MMBERT_REUSE_CHECKPOINTS=1)
 
     def train_settings(self):
         """Where and how a training stage runs (mmbert_dagster.train.stage_run.TrainSettings)."""
@@ -135,5 +137,6 @@ def default_resources() -> dict:
         "store": ArtifactStore(),
         "corpus": CorpusSource(),
         "external_models": ExternalModels(),
-        "compute": Compute(data_workers=int(os.environ.get("MMBERT_DATA_WORKERS", min(4, os.cpu_count() or 1)))),
+        "compute": Compute(data_workers=int(os.environ.get("MMBERT_DATA_WORKERS", min(4, os.cpu_count() or 1))),
+                           reuse_checkpoints=os.environ.get("MMBERT_REUSE_CHECKPOINTS", "") in ("1", "true", "yes")),
     }

@@ -17,7 +17,7 @@ from mmbert_dagster.evaluate.metrics import (
     mask_for_eval, masked_token_accuracy, masked_token_cross_entropy, probe_accuracy, retrieval_accuracy,
 )
 from mmbert_dagster.evaluate.encode import Encoder
-from mmbert_dagster.evaluate.report import build_report, findings
+from mmbert_dagster.evaluate.report import build_report
 from mmbert_dagster.evaluate.suite import eval_set, strip_header
 from mmbert_dagster.recipe import HfTask
 from mmbert_dagster.train.model import build_model
@@ -184,35 +184,42 @@ def test_online_task_runs_from_a_local_copy_and_is_skipped_with_a_reason_offline
 # ----------------------------------------------------------------------------------------------- report
 
 
-def synthetic_scores(low_all: float, eng_merged: float) -> pl.DataFrame:
-    rows = []
+def synthetic_scores(low_all: float, eng_merged: float) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(score table, items): 4 low-tier languages x 6 texts, English x 6 texts; per-text noise of 0.01 (accuracy;
+    cross-entropy = 6 - 10 x accuracy)."""
+    rng = np.random.default_rng(0)
+    rows, items = [], []
     for model, low, eng in [("decay_eng", 0.10, 0.50), ("decay_cont", 0.12, 0.45), ("decay_all", low_all, 0.40),
                             ("merged_model", 0.15, eng_merged)]:
         for task, metric in (("mlm", "accuracy"), ("retrieval", "accuracy@1"), ("topic_probe", "accuracy")):
             rows += [{"model": model, "task": task, "lang": "*", "tier": "low", "metric": metric, "value": low},
                      {"model": model, "task": task, "lang": "*", "tier": "english", "metric": metric, "value": eng}]
-    return pl.DataFrame(rows)
+        for lang, tier, value in [("eng_Latn", "english", eng)] + [(f"l{i}x_Latn", "low", low) for i in range(4)]:
+            for a in range(25, 31):
+                acc = value + rng.normal(0, 0.01)
+                items += [{"model": model, "task": "mlm", "metric": "accuracy", "lang": lang, "tier": tier,
+                           "article": a, "value": acc},
+                          {"model": model, "task": "mlm", "metric": "cross_entropy", "lang": lang, "tier": tier,
+                           "article": a, "value": 6.0 - 10 * acc}]
+    return pl.DataFrame(rows), pl.DataFrame(items)
 
 
-def test_findings_answer_the_papers_two_questions():
-    yes = findings(synthetic_scores(low_all=0.2, eng_merged=0.49))["tasks"]["mlm"]
-    assert yes["decay_all_lifts_low"] and yes["merge_keeps_english"] and yes["merge_keeps_low_gain"]
-    assert yes["best_english_variant"] == "decay_eng"
-    no = findings(synthetic_scores(low_all=0.05, eng_merged=0.40))["tasks"]["retrieval"]
-    assert not no["decay_all_lifts_low"] and not no["merge_keeps_english"]
-    # a task that does not score English still answers the low-resource question
-    no_english = synthetic_scores(0.2, 0.49).filter(pl.col("tier") != "english")
-    r = findings(no_english)["tasks"]["mlm"]
-    assert "merge_keeps_english" not in r and r["merge_keeps_low_gain"] is True
-
-
-def test_report_has_answers_tables_and_plots_inline_and_as_files():
-    table = synthetic_scores(0.2, 0.49)
+def test_report_answers_the_claims_with_intervals_and_has_tables_and_plots():
+    table, items = synthetic_scores(0.2, 0.499)
     mixtures = {"pretrain": pl.DataFrame({"stage": ["pretrain"] * 2, "lang": ["eng_Latn", "deu_Latn"],
                                           "share": [0.6, 0.4]})}
+    groups = {m: [m] for m in ("decay_eng", "decay_cont", "decay_all", "merged_model")}
     report = build_report(table, checkpoints={}, lineage={}, mixtures=mixtures, notes=["sst2: skipped — offline"],
-                          title="t")
-    assert "| mlm (accuracy) | **yes** | 0.100 → 0.200 |" in report.markdown_files
+                          title="t", items=items, groups=groups, tier_languages={"low": ["l0x_Latn", "l9x_Latn"]})
+    f = {(r["id"], r["metric"]): r for r in report.findings.iter_rows(named=True)}
+    assert f[("a", "accuracy")]["verdict"] == "holds" and abs(f[("a", "accuracy")]["delta"] - 0.10) < 0.01
+    assert f[("b1", "accuracy")]["verdict"] == "holds"  # 0.499 vs the best variant's 0.50: within a point
+    worse, worse_items = synthetic_scores(0.05, 0.40)
+    f2 = build_report(worse, checkpoints={}, lineage={}, mixtures={}, notes=[], title="t", items=worse_items,
+                      groups=groups).findings
+    assert f2.filter((pl.col("id") == "a") & (pl.col("metric") == "accuracy"))["verdict"].to_list() == ["reversed"]
+    assert "Decay-All beats Decay-Eng on languages only it trained on" in report.markdown_files
+    assert "| low | 2 | 4 | l0x_Latn, l1x_Latn, l2x_Latn, l3x_Latn |" in report.markdown_files  # tier membership
     assert "plots/mlm_by_tier.png" in report.markdown_files and "data:image/png;base64," in report.markdown_inline
     assert "sst2: skipped — offline" in report.markdown_files
     assert set(report.plots) >= {"mlm_by_tier", "retrieval_by_tier", "mixture_shares"}

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForMaskedLM
 
 from model_helpers import SHAPE, SPECIALS, VOCAB
-from mmbert_dagster.merge import MergeError, ties_merge
+from mmbert_dagster.merge import MergeError, merge_checkpoints
 from mmbert_dagster.train.model import build_model
 
 TENSOR = "model.final_norm.weight"  # 64 values: small enough to compute TIES by hand
@@ -54,7 +54,7 @@ def test_ties_trims_elects_signs_and_averages_the_agreeing_deltas(base, tmp_path
     folders = {name: variant(model, tmp_path / name, d) for name, d in (("a", a), ("b", b), ("c", c))}
     out = tmp_path / "merged"
     out.mkdir()
-    ties_merge(base_dir, folders, out, weights={"a": 1.0, "b": 1.0, "c": 1.0}, density=0.8, log=QUIET)
+    merge_checkpoints(base_dir, folders, out, weights={"a": 1.0, "b": 1.0, "c": 1.0}, density=0.8, log=QUIET)
     theta0 = dict(model.named_parameters())[TENSOR].detach()
     delta = merged_tensors(out)[TENSOR] - theta0
     # i < 13: every delta trimmed -> base value
@@ -77,7 +77,7 @@ def test_weights_change_the_elected_sign_and_the_mean(base, tmp_path):
     folders = {name: variant(model, tmp_path / name, d) for name, d in (("a", a), ("b", b), ("c", c))}
     out = tmp_path / "merged"
     out.mkdir()
-    ties_merge(base_dir, folders, out, weights={"a": 1.0, "b": 1.0, "c": 3.0}, density=0.8, scale=0.5, log=QUIET)
+    merge_checkpoints(base_dir, folders, out, weights={"a": 1.0, "b": 1.0, "c": 3.0}, density=0.8, scale=0.5, log=QUIET)
     delta = merged_tensors(out)[TENSOR] - dict(model.named_parameters())[TENSOR].detach()
     # a + b + 3c = 0.5 + 0.03 i > 0 everywhere: a and c agree, weighted mean (a + 3c) / 4, then x scale 0.5
     assert torch.allclose(delta[13:], 0.5 * (a[13:] + 3 * c[13:]) / 4, atol=1e-5)
@@ -89,7 +89,7 @@ def test_merging_identical_models_is_the_identity_and_loads_as_a_masked_lm(base,
     folders = {k: variant(model, tmp_path / k, delta) for k in ("decay_eng", "decay_cont", "decay_all")}
     out = tmp_path / "merged"
     out.mkdir()
-    ties_merge(base_dir, folders, out, weights={k: 1.0 for k in folders}, density=0.8, log=QUIET)
+    merge_checkpoints(base_dir, folders, out, weights={k: 1.0 for k in folders}, density=0.8, log=QUIET)
     expected = load_file(str(folders["decay_eng"] / "model.safetensors"))
     merged = merged_tensors(out)
     trimmed = delta.abs() < delta.abs().sort(descending=True).values[int(0.8 * 64) - 1]
@@ -111,13 +111,13 @@ def test_checkpoints_of_different_shapes_are_refused_naming_the_file_and_field(b
     out = tmp_path / "merged"
     out.mkdir()
     with pytest.raises(MergeError, match=r"wrong/config.json: hidden_size = 32 but the base model"):
-        ties_merge(base_dir, {"decay_eng": base_dir, "decay_all": wrong}, out,
+        merge_checkpoints(base_dir, {"decay_eng": base_dir, "decay_all": wrong}, out,
                    weights={"decay_eng": 1.0, "decay_all": 1.0}, log=QUIET)
     (tmp_path / "tok").mkdir()
     odd = save(model, tmp_path / "tok")
     (odd / "tokenizer.json").write_text('{"another": "tokenizer"}')
     with pytest.raises(MergeError, match="a different tokenizer"):
-        ties_merge(base_dir, {"decay_eng": base_dir, "decay_all": odd}, out,
+        merge_checkpoints(base_dir, {"decay_eng": base_dir, "decay_all": odd}, out,
                    weights={"decay_eng": 1.0, "decay_all": 1.0}, log=QUIET)
     assert list(out.iterdir()) == []  # nothing written
 
@@ -133,7 +133,31 @@ def test_reference_ties_agrees_with_mergekit_on_random_deltas(base, tmp_path):
     weights = {"a": 0.5, "b": 1.0, "c": 2.0}
     out = tmp_path / "merged"
     out.mkdir()
-    ties_merge(base_dir, folders, out, weights=weights, density=0.6, scale=0.9, log=QUIET)
+    merge_checkpoints(base_dir, folders, out, weights=weights, density=0.6, scale=0.9, log=QUIET)
     theta0 = dict(model.named_parameters())[TENSOR].detach()
     ref = ties_reference(theta0, [theta0 + deltas[k] for k in weights], list(weights.values()), 0.6, 0.9)
     assert torch.allclose(merged_tensors(out)[TENSOR], ref, atol=1e-6)
+
+
+def test_linear_merge_is_the_weighted_average_of_the_models(base, tmp_path):
+    """method="linear" (the ablation's plain average): Σ w_i θ_i / Σ w_i for every tensor, base ignored but for
+    config and tokenizer; the reference re-computation agrees."""
+    from mmbert_dagster.merge import compare_with_reference, linear_reference
+
+    model, base_dir = base
+    g = torch.Generator().manual_seed(5)
+    deltas = {k: torch.randn(64, generator=g) for k in ("a", "b")}
+    folders = {k: variant(model, tmp_path / k, d) for k, d in deltas.items()}
+    out = tmp_path / "merged"
+    out.mkdir()
+    summary = merge_checkpoints(base_dir, folders, out, weights={"a": 1.0, "b": 3.0}, method="linear", log=QUIET)
+    assert summary["method"] == "linear"
+    theta0 = dict(model.named_parameters())[TENSOR].detach()
+    expected = theta0 + (deltas["a"] + 3 * deltas["b"]).view_as(theta0) / 4
+    assert torch.allclose(merged_tensors(out)[TENSOR], expected, atol=1e-6)
+    assert torch.allclose(linear_reference([theta0 + deltas["a"].view_as(theta0), theta0 + deltas["b"].view_as(theta0)],
+                                           [1.0, 3.0]), expected, atol=1e-6)
+    check = compare_with_reference(out, base_dir, folders, weights={"a": 1.0, "b": 3.0}, density=0.8,
+                                   method="linear")
+    assert check["max_abs_difference"] <= 1e-5 and not check["non_finite"]
+    assert json.loads((out / "merge_config.json").read_text())["merge_method"] == "linear"

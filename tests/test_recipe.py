@@ -176,3 +176,63 @@ def test_a_negative_peak_learning_rate_is_named_as_lr_peak():
     d["stages"]["base"]["lr_peak"] = -1e-3
     with pytest.raises(RecipeError, match=r"stages\.pretrain\.lr_peak: must be > 0, got -0\.001"):
         recipe_from_dict(d, "my.toml")
+
+
+def test_the_repro_recipe_is_tiny_plus_the_ablations_and_seeds():
+    tiny, r = load_recipe("tiny"), load_recipe("repro")
+    assert r.name == "tiny" and r.include == "tiny"  # tiny's artifacts, so the demo's are reused
+    assert all(r.stage(s) == tiny.stage(s) for s in PAPER_STAGES)  # the paper stages are unchanged
+    assert {"pretrain_fixed", "midtrain_fixed", "decay_fixed", "decay_all_mask30"} <= set(r.stages)
+    assert all(r.stage(s).languages == "all" and r.stage(s).tau == 0.5
+               for s in ("pretrain_fixed", "midtrain_fixed", "decay_fixed"))
+    assert [r.stage(s).tokens for s in ("pretrain_fixed", "midtrain_fixed", "decay_fixed")] == \
+        [tiny.stage(s).tokens for s in ("pretrain", "midtrain", "decay_all")]  # the same budgets
+    assert r.stage("decay_all_mask30").mask_rate == 0.30 and r.data_stage("decay_all_mask30") == "decay_all"
+    assert r.merges["merged_linear"].method == "linear" and r.merge_base_of("merged_linear") == "midtrain"
+    # replicas: same data, other seed; merges of the replicas of one seed
+    s2 = r.stage("decay_fixed_seed2")
+    assert s2.seed == 2 and r.stage_seed("decay_fixed_seed2") == 2 and r.stage_seed("decay_fixed") == r.seed
+    assert r.data_stage("decay_fixed_seed2") == "decay_fixed" and s2.init_from == "midtrain_fixed"
+    assert r.merges["merged_model_seed3"].weights == {"decay_eng_seed3": 1.0, "decay_cont_seed3": 1.0,
+                                                      "decay_all_seed3": 1.0}
+    groups = r.seed_groups()
+    assert groups["decay_all"] == ["decay_all", "decay_all_seed2", "decay_all_seed3"]
+    assert groups["merged_linear"] == ["merged_linear", "merged_linear_seed2", "merged_linear_seed3"]
+    assert groups["pretrain_checkpoint"] == ["pretrain_checkpoint"] and "decay_all_seed2" not in groups
+
+
+def test_include_merges_tables_and_appends_stages(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text('include = "tiny"\nname = "mine"\n[tokenizer]\nvocab_size = 4096\n'
+                    '[stages.decay_all]\ntokens = 90_000\n[stages.decay_x]\nextends = "decay_all"\n')
+    r, tiny = load_recipe(path), load_recipe("tiny")
+    assert r.name == "mine" and r.tokenizer.vocab_size == 4096
+    assert r.tokenizer.sample_bytes_per_lang == tiny.tokenizer.sample_bytes_per_lang  # the rest of the table kept
+    assert r.stage("decay_all").tokens == 90_000 and r.stage("decay_all").mask_rate == 0.05
+    assert list(r.stages) == [*PAPER_STAGES, "decay_x"] and r.stage("decay_x").tokens == 90_000
+    path.write_text(f'include = "{path}"\n')
+    with pytest.raises(RecipeError, match="include: cycle"):
+        load_recipe(path)
+
+
+@pytest.mark.parametrize("table, field, message", [
+    ({"seeds": [2], "stages": ["nowhere"]}, "stages", r"unknown stage\(s\) \['nowhere'\]"),
+    ({"seeds": [2], "merges": ["nowhere"]}, "merges", r"unknown merge\(s\) \['nowhere'\]"),
+    ({"seeds": [2, 2], "stages": ["decay_all"]}, "seeds", "must be distinct positive integers"),
+    ({"stages": ["decay_all"]}, "seeds", "name at least one seed"),
+])
+def test_replica_errors_name_the_field(table, field, message):
+    d = tiny_dict()
+    d["replicas"] = table
+    with pytest.raises(RecipeError, match=rf"\[replicas\]\.{field}.*{message}"):
+        recipe_from_dict(d, "my.toml")
+
+
+def test_a_merge_method_other_than_ties_or_linear_is_refused():
+    d = tiny_dict()
+    d["merges"] = {"merged_avg": {"method": "average", "weights": {"decay_eng": 1.0, "decay_all": 1.0}}}
+    with pytest.raises(RecipeError, match=r"\[merges\.merged_avg\]\.method: must be one of \('ties', 'linear'\)"):
+        recipe_from_dict(d, "my.toml")
+    d["merges"] = {"merged_model": {"weights": {"decay_eng": 1.0, "decay_all": 1.0}}}
+    with pytest.raises(RecipeError, match="merged_model is the \\[merge\\] section's"):
+        recipe_from_dict(d, "my.toml")

@@ -91,3 +91,59 @@ def test_the_added_stage_trains_from_the_mid_training_checkpoint_on_the_shared_s
     assert not (home / "e2e" / "shards_decay_all_mask30").exists()
     rates = [row["train/mask_rate"] for row in read_metrics(out) if "train/mask_rate" in row]
     assert rates and 0.25 < sum(rates) / len(rates) < 0.35  # the 30 % mask, not decay_all's 5 %
+
+
+def test_the_repro_recipe_adds_ablations_and_seeds_as_assets_from_the_recipe_alone(tmp_path):
+    listed = set(asset_list(tmp_path, "repro"))
+    assert {"pretrain_fixed_checkpoint", "midtrain_fixed_checkpoint", "decay_fixed", "decay_all_mask30",
+            "merged_linear", "mixture_pretrain_fixed", "shards_decay_fixed", "decay_eng_seed2", "decay_fixed_seed3",
+            "decay_all_mask30_seed3", "merged_model_seed2", "merged_linear_seed3"} <= listed
+    # replicas and the 30 % mask decay train on their original's data: no copies of it
+    assert not {"mixture_decay_all_mask30", "shards_decay_all_mask30", "shards_decay_eng_seed2"} & listed
+    assert sorted(asset_list(tmp_path, "repro", "decay_all+")) == ["benchmark_scores", "decay_all", "merged_linear",
+                                                                 "merged_model"]
+    os.environ["MMBERT_PRESET"] = "repro"
+    try:
+        defs = load_definitions()
+        assert {"midtrain_fixed_checkpoint", "shards_decay_fixed"} <= upstream(defs, "decay_fixed_seed2")
+        assert upstream(defs, "merged_model_seed2") == {"decay_eng_seed2", "decay_cont_seed2", "decay_all_seed2",
+                                                        "midtrain_checkpoint"}
+        assert {"decay_all_mask30_seed3", "merged_linear_seed3"} <= upstream(defs, "benchmark_scores")
+    finally:
+        os.environ["MMBERT_PRESET"] = str(RECIPE)
+        load_definitions()
+
+
+@pytest.mark.slow
+def test_make_repro_on_the_test_budget_writes_the_findings_table(graph, tmp_path):
+    """`make repro` with the shipped ablation sections on the e2e recipe (one extra seed, to keep the suite short):
+    the e2e graph's checkpoints are reused, the ablations trained, and the report has the findings table."""
+    import json
+    import shutil
+
+    import polars as pl
+
+    from mmbert_dagster.evaluate.scores import read_findings
+
+    home = tmp_path / "home"
+    shutil.copytree(graph["home"] / "e2e", home / "e2e", ignore=shutil.ignore_patterns("benchmark_scores"))
+    sections = (REPO / "mmbert_dagster" / "recipes" / "repro.toml").read_text()
+    recipe = tmp_path / "e2e_repro.toml"
+    recipe.write_text(sections.replace('include = "tiny"', f'include = "{RECIPE}"').replace("seeds = [2, 3]",
+                                                                                            "seeds = [2]"))
+    config = tmp_path / "run.yaml"
+    config.write_text(json.dumps(run_config(graph["corpus"])))
+    before = (home / "e2e" / "decay_all" / "model.safetensors").stat().st_mtime_ns
+    env = cli_env(home)
+    proc = subprocess.run(["make", "-s", "repro", f"REPRO={recipe}", f"REPRO_ARGS=-c {config}"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "materialized the paper graph, the ablations and the seeds" in proc.stdout
+    assert (home / "e2e" / "decay_all" / "model.safetensors").stat().st_mtime_ns == before  # reused, not retrained
+    assert "reusing" in proc.stderr + proc.stdout
+    findings = read_findings(home / "e2e" / "benchmark_scores")
+    assert {"a", "a_control", "b1", "b2", "c", "d", "e1", "e2"} <= set(findings["id"])
+    assert findings.filter(pl.col("id") == "d")["n_seeds"].to_list()[0] == 2
+    assert set(findings["verdict"]) <= {"holds", "reversed", "not significant"}
+    report = (home / "e2e" / "benchmark_scores" / "report.md").read_text()
+    assert "## The paper's claims, measured on this run" in report and "finding_a_per_language.png" in report

@@ -439,7 +439,14 @@ def test_train_checkpoint_writes_the_checkpoint_folder_and_resumes_only_on_the_s
                                                                                             tmp_path):
     from mmbert_dagster.artifacts import write_manifest
     from mmbert_dagster.train import export
-    from mmbert_dagster.train.stage_run import TrainSettings, discard_work_dir, prepare_work_dir, train_checkpoint
+    from mmbert_dagster.train.stage_run import (
+        TrainSettings,
+        checkpoint_inputs,
+        discard_work_dir,
+        prepare_work_dir,
+        reusable_checkpoint,
+        train_checkpoint,
+    )
 
     def artifact(name: str, content: str) -> Path:
         folder = tmp_path / name
@@ -469,12 +476,20 @@ def test_train_checkpoint_writes_the_checkpoint_folder_and_resumes_only_on_the_s
     a, b = weights(out), weights(data["root"] / "full/out")  # the same stage and seed as run_stage alone
     assert all(torch.equal(a[k], b[k]) for k in b)
 
+    # a committed checkpoint is reused only for the same inputs and code version
+    write_manifest(out)
+    assert reusable_checkpoint(out, upstream, "") == result
+    assert reusable_checkpoint(out, upstream, "another code version") is None
+    assert reusable_checkpoint(tmp_path / "nothing", upstream, "") is None
+
     # resume state: kept for the same upstream artifacts, discarded once one of them changed
-    inputs = prepare_work_dir(work, upstream, QUIET)
+    inputs = prepare_work_dir(work, checkpoint_inputs(upstream), QUIET)
     (work / "trainer_state").mkdir()
-    assert prepare_work_dir(work, upstream, QUIET) == inputs and (work / "trainer_state").is_dir()
+    assert prepare_work_dir(work, checkpoint_inputs(upstream), QUIET) == inputs and (work / "trainer_state").is_dir()
     artifact("tokenizer", "c")
-    assert prepare_work_dir(work, upstream, QUIET) != inputs and not (work / "trainer_state").exists()
+    assert reusable_checkpoint(out, upstream, "") is None  # an input changed
+    assert prepare_work_dir(work, checkpoint_inputs(upstream), QUIET) != inputs
+    assert not (work / "trainer_state").exists()
 
 
 def _gloo_available() -> bool:

@@ -41,8 +41,18 @@ def _script(lang: str) -> str:
     return lang.split("_", 1)[1] if "_" in lang else lang
 
 
+def sample_budgets(available: dict[str, int], per_lang: int, tau: float) -> dict[str, int]:
+    """Bytes to sample per language: ``per_lang × languages`` shared ∝ ``available ** tau`` — as the mixtures
+    share tokens — and never more than a language has. τ = 0: ``per_lang`` from every language (what a small
+    language lacks is not handed on, so the sample, and the tokenizer's training time, stay bounded)."""
+    weights = {lang: float(n) ** tau if n > 0 else 0.0 for lang, n in available.items()}
+    total = sum(weights.values()) or 1.0
+    return {lang: min(n, int(per_lang * len(available) * weights[lang] / total)) for lang, n in available.items()}
+
+
 def sample_for_tokenizer(docs: pl.DataFrame, cfg: TokenizerConfig, seed: int) -> Iterator[tuple[str, str]]:
-    """Yield ``(lang, text)`` pairs: up to ``cfg.sample_bytes_per_lang`` UTF-8 bytes from every language.
+    """Yield ``(lang, text)`` pairs: a language's budget of UTF-8 bytes (:func:`sample_budgets`: on average
+    ``cfg.sample_bytes_per_lang``, shared ∝ bytes ** ``cfg.sample_tau``) from every language.
 
     Each language's documents, sorted by text, are visited in an order seeded by ``(seed, lang)``; documents are
     taken whole until the budget is reached, the last one cut at a character boundary to fit. Languages come in
@@ -53,15 +63,19 @@ def sample_for_tokenizer(docs: pl.DataFrame, cfg: TokenizerConfig, seed: int) ->
     missing = {"lang", "text"} - set(docs.columns)
     if missing:
         raise ValueError(f"sample_for_tokenizer: docs lack column(s) {sorted(missing)}; has {docs.columns}")
-    budget = int(cfg.sample_bytes_per_lang)
-    if budget <= 0:
+    if int(cfg.sample_bytes_per_lang) <= 0:
         return
     docs = docs.select("lang", "text").filter(pl.col("text").is_not_null() & (pl.col("text").str.len_bytes() > 0))
     docs = docs.sort("lang", "text")  # the permutation below must not depend on the incoming row order
-    for (lang,), part in sorted(docs.partition_by("lang", as_dict=True, maintain_order=True).items()):
+    parts = sorted(docs.partition_by("lang", as_dict=True, maintain_order=True).items())
+    budgets = sample_budgets({lang: int(part["text"].str.len_bytes().sum()) for (lang,), part in parts},
+                             int(cfg.sample_bytes_per_lang), float(cfg.sample_tau))
+    for (lang,), part in parts:
         texts = part["text"].to_list()
         order = np.random.default_rng(stable_seed(seed, "tokenizer-sample", lang)).permutation(len(texts))
-        left = budget
+        left = budgets[lang]
+        if left <= 0:
+            continue
         for i in order:
             text = texts[i]
             raw = text.encode("utf-8")

@@ -1,4 +1,4 @@
-"""The run report: the paper's two questions answered from the score table, tables per tier, and plots.
+"""The run report: the paper's claims measured with intervals (evaluate/findings.py), tables per tier, and plots.
 
 ``build_report`` returns the Markdown twice — once with the plots as files beside it (``report.md`` +
 ``plots/*.png``, for people and git) and once with the plots inlined as base64 (Dagster asset metadata) — so
@@ -8,20 +8,20 @@ the two never drift apart.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 
+from mmbert_dagster.evaluate.findings import findings_markdown, findings_table, per_language_delta
 from mmbert_dagster.evaluate.suite import CHANCE, TIERS
-from mmbert_dagster.render import grouped_bar_chart, inline_png, md_table, multi_line_chart, png_bytes
+from mmbert_dagster.render import delta_chart, grouped_bar_chart, inline_png, md_table, multi_line_chart, png_bytes
 
 REPORT_FILE = "report.md"
 TASK_METRICS = (("mlm", "accuracy"), ("retrieval", "accuracy@1"), ("topic_probe", "accuracy"))  # higher = better
 TABLE_METRICS = (*TASK_METRICS, ("mlm", "cross_entropy"))  # shown per tier (cross-entropy: lower = better)
-NEAR_BEST = 0.95  # "keeps English near the best variant": at least this share of the best decay variant's score
+FINDINGS_FILE = "findings.parquet"
 
 
 @dataclass
@@ -29,7 +29,7 @@ class Report:
     markdown_files: str  # plots referenced as plots/<name>.png
     markdown_inline: str  # plots inlined (asset metadata)
     plots: dict[str, bytes]
-    findings: dict
+    findings: pl.DataFrame  # evaluate/findings.findings_table
 
 
 def _mean(table: pl.DataFrame, model: str, task: str, metric: str, tier: str) -> float:
@@ -38,58 +38,42 @@ def _mean(table: pl.DataFrame, model: str, task: str, metric: str, tier: str) ->
     return float(v[0]) if len(v) else float("nan")
 
 
-def _fmt(x: float) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+def _findings_section(items: pl.DataFrame, groups: Mapping[str, list[str]], seed: int
+                      ) -> tuple[list[str], pl.DataFrame, dict[str, bytes]]:
+    """The findings table (Markdown lines), the table itself and the per-language Δ plot of finding (a)."""
+    table = findings_table(items, groups, seed=seed)
+    seeds = {g: len(keys) for g, keys in groups.items() if len(keys) > 1}
+    lines = ["## The paper's claims, measured on this run", "",
+             "Each row is a claim of the mmBERT paper as a contrast between checkpoints, on the masked-token scores "
+             "of every held-out text: Δ with its paired bootstrap 95 % interval (languages, texts"
+             + (" and seeds" if seeds else "") + " resampled). The unseen tier (languages no stage trained on) is "
+             "the control: a gain that shows there as well is not language-specific.", ""]
+    if seeds:
+        lines += ["Seeds per arm: " + ", ".join(f"`{g}` {n}" for g, n in seeds.items()) + ".", ""]
+    lines += [findings_markdown(table), ""]
+    plots = {}
+    delta = per_language_delta(items, groups, seed=seed)
+    if delta is not None and delta.height:
+        plots["finding_a_per_language"] = png_bytes(delta_chart(
+            delta, "Decay-All − Decay-Eng per language (held-out cross-entropy, negated; 95 % interval)",
+            "Δ (nats, > 0: Decay-All better)"))
+        lines += ["{plot:finding_a_per_language}", ""]
+    return lines, table, plots
 
 
-def findings(table: pl.DataFrame, low_tiers: tuple[str, ...] = ("low",)) -> dict:
-    """The paper's questions, answered per task from the tier means (NaN-safe; None where a model is missing)."""
-    models = set(table["model"].to_list())
-    out: dict = {"low_tiers": list(low_tiers), "near_best": NEAR_BEST, "tasks": {}}
-    decays = [m for m in ("decay_eng", "decay_cont", "decay_all") if m in models]
-    for task, metric in TASK_METRICS:
-        low = {m: [_mean(table, m, task, metric, t) for t in low_tiers] for m in models}
-        low = {m: sum(v) / len(v) for m, v in low.items()}
-        eng = {m: _mean(table, m, task, metric, "english") for m in models}
-        row: dict = {"metric": metric, "low": low, "english": eng}
-        if {"decay_all", "decay_eng"} <= models:
-            row["decay_all_lifts_low"] = low["decay_all"] > low["decay_eng"]
-        scored = [m for m in decays if not math.isnan(eng[m])]
-        if "merged_model" in models and scored and not math.isnan(eng["merged_model"]):
-            # English is not scored by every task (retrieval and the probe use it as the reference side)
-            best = max(scored, key=lambda m: eng[m])
-            row["best_english_variant"] = best
-            row["merge_keeps_english"] = eng["merged_model"] >= NEAR_BEST * eng[best]
-        if {"merged_model", "decay_eng"} <= models:
-            row["merge_keeps_low_gain"] = low["merged_model"] > low["decay_eng"]
-        out["tasks"][task] = row
-    return out
-
-
-def _answer(flag) -> str:
-    return {True: "**yes**", False: "**no**", None: "n/a"}[flag]
-
-
-def _findings_md(f: dict) -> str:
-    low = "+".join(f["low_tiers"])
-    lines = ["## The paper's questions, for this run", "",
-             f"Low-resource = the `{low}` tier: languages that only Decay-All trained on (ranked below the "
-             f"mid-training set). English = the `english` tier (scored by `mlm` only: the other tasks use English as the "
-             f"reference side). n/a = not measurable for this task.", ""]
-    lines.append("| task (metric) | Decay-All lifts low over Decay-Eng? | low: Decay-Eng → Decay-All | merge keeps "
-                 f"English (≥ {NEAR_BEST:.0%} of best variant)? | English: best variant → merge | merge keeps the "
-                 "low-resource gain? | low: Decay-Eng → merge |")
-    lines.append("|---|---|---|---|---|---|---|")
-    for task, r in f["tasks"].items():
-        best = r.get("best_english_variant")
-        lines.append(
-            f"| {task} ({r['metric']}) | {_answer(r.get('decay_all_lifts_low'))} | "
-            f"{_fmt(r['low'].get('decay_eng', math.nan))} → {_fmt(r['low'].get('decay_all', math.nan))} | "
-            f"{_answer(r.get('merge_keeps_english'))} | "
-            f"{best or 'n/a'} {_fmt(r['english'].get(best, math.nan)) if best else ''} → "
-            f"{_fmt(r['english'].get('merged_model', math.nan))} | {_answer(r.get('merge_keeps_low_gain'))} | "
-            f"{_fmt(r['low'].get('decay_eng', math.nan))} → {_fmt(r['low'].get('merged_model', math.nan))} |")
-    return "\n".join(lines)
+def _tiers_md(items: pl.DataFrame, tier_languages: Mapping[str, list[str]] | None) -> list[str]:
+    scored = (items.select("tier", "lang").unique().group_by("tier").agg(pl.col("lang").sort())
+              .to_dict(as_series=False))
+    by_tier = dict(zip(scored["tier"], scored["lang"]))
+    lines = ["## Languages per tier", "",
+             "| tier | languages in the recipe's tier | scored here | scored languages |", "|---|---|---|---|"]
+    for tier in TIERS:
+        langs = by_tier.get(tier, [])
+        total = len(tier_languages.get(tier, [])) if tier_languages else "–"
+        lines.append(f"| {tier} | {total} | {len(langs)} | {', '.join(langs) or '–'} |")
+    return lines + ["", "Tiers rank the languages by their tokens in the filtered corpus: high = the pre-training "
+                        "set, mid = added in mid-training, low = only Decay-All trains on them, unseen = in no "
+                        "stage's mixture.", ""]
 
 
 def _tier_table(table: pl.DataFrame, task: str, metric: str, models: list[str]) -> pl.DataFrame:
@@ -129,14 +113,15 @@ def loss_curves(checkpoints: Mapping[str, Path], lineage: Mapping[str, str | Non
 
 
 def build_report(table: pl.DataFrame, *, checkpoints: Mapping[str, Path], lineage: Mapping[str, str | None],
-                 mixtures: Mapping[str, pl.DataFrame], notes: list[str], title: str, top_languages: int = 12) -> Report:
-    """The report of a score table; models are shown in the order of ``checkpoints`` (the recipe's stage order,
-    then the merge)."""
+                 mixtures: Mapping[str, pl.DataFrame], notes: list[str], title: str, items: pl.DataFrame,
+                 groups: Mapping[str, list[str]], seed: int = 0,
+                 tier_languages: Mapping[str, list[str]] | None = None, top_languages: int = 12) -> Report:
+    """The report of a score table and its items; models are shown in the order of ``checkpoints`` (the recipe's
+    stage order, then the merges); ``groups``: the findings' arms -> their seed replicas."""
     scored = set(table["model"].to_list())
     models = [m for m in checkpoints if m in scored] + sorted(scored - set(checkpoints))
-    f = findings(table)
-    plots: dict[str, bytes] = {}
-    sections = [f"# {title}", "", _findings_md(f), ""]
+    found_md, found, plots = _findings_section(items, groups, seed)
+    sections = [f"# {title}", "", *found_md, *_tiers_md(items, tier_languages)]
 
     for task, metric in TABLE_METRICS:
         tt = _tier_table(table, task, metric, models)
@@ -192,7 +177,7 @@ def build_report(table: pl.DataFrame, *, checkpoints: Mapping[str, Path], lineag
     for name, png in plots.items():
         files_md = files_md.replace(f"{{plot:{name}}}", f"![{name}](plots/{name}.png)")
         inline_md = inline_md.replace(f"{{plot:{name}}}", inline_png(png, name))
-    return Report(files_md, inline_md, plots, f)
+    return Report(files_md, inline_md, plots, found)
 
 
 def write_report(report: Report, folder: Path) -> Path:
@@ -201,5 +186,5 @@ def write_report(report: Report, folder: Path) -> Path:
         (folder / "plots" / f"{name}.png").write_bytes(png)
     path = folder / REPORT_FILE
     path.write_text(report.markdown_files)
-    (folder / "findings.json").write_text(json.dumps(report.findings, indent=1, default=str))
+    report.findings.write_parquet(folder / FINDINGS_FILE)
     return path

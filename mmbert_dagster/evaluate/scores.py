@@ -1,8 +1,10 @@
 """``score_checkpoints``: what the ``benchmark_scores`` asset does — every checkpoint scored on the held-out text
 (``suite.evaluate``), the long score table and the run report written into one folder.
 
-The folder holds ``scores.parquet`` (model, task, lang, tier, metric, value), ``report.md`` with ``plots/`` and
-``findings.json``; :func:`read_scores` reads the table back.
+The folder holds ``scores.parquet`` (model, task, lang, tier, metric, value), ``items.parquet`` (the score of
+every held-out text: model, task, metric, lang, tier, article, value), ``report.md`` with ``plots/`` and
+``findings.parquet`` (the paper's claims with their intervals); :func:`read_scores` reads the table back,
+:func:`read_findings` the findings.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from mmbert_dagster.evaluate.suite import evaluate
 from mmbert_dagster.recipe import EvalConfig
 
 SCORES_FILE = "scores.parquet"
+ITEMS_FILE = "items.parquet"
 SUMMARY_TASKS = ("mlm", "retrieval", "topic_probe", "encode")  # every model has rows of these tasks
 
 
@@ -31,14 +34,21 @@ class Scores:
 def score_checkpoints(models: Mapping[str, Path], heldout: pl.DataFrame | None, tiers: Mapping[str, str],
                       cfg: EvalConfig, out_dir: Path, *, lineage: Mapping[str, str | None],
                       mixtures: Mapping[str, pl.DataFrame], english: str, seed: int, device: str, title: str,
+                      groups: Mapping[str, list[str]] | None = None, tier_languages: Mapping[str, list[str]] | None = None,
                       log: Callable[[str], None] = print) -> Scores:
-    """Score ``models`` (checkpoint key -> HF folder, in report order) and write table and report to ``out_dir``."""
+    """Score ``models`` (checkpoint key -> HF folder, in report order) and write table and report to ``out_dir``.
+    ``groups``: an arm of the findings -> its seed replicas (``Recipe.seed_groups``; default one model each);
+    ``tier_languages``: tier -> the languages the recipe puts in it (stated in the report)."""
     if heldout is None:
         raise FileNotFoundError("no held-out text: the benchmarks need held-out aligned text (the corpus "
                                 "resource's heldout_path)")
-    table, notes = evaluate(models, heldout, tiers, cfg, english=english, seed=seed, device=device, log=log)
-    report = build_report(table, checkpoints=models, lineage=lineage, mixtures=mixtures, notes=notes, title=title)
+    table, notes, items = evaluate(models, heldout, tiers, cfg, english=english, seed=seed, device=device, log=log)
+    groups = {g: [m for m in keys if m in models] for g, keys in (groups or {m: [m] for m in models}).items()}
+    report = build_report(table, checkpoints=models, lineage=lineage, mixtures=mixtures, notes=notes, title=title,
+                          items=items, groups={g: keys for g, keys in groups.items() if keys}, seed=seed,
+                          tier_languages=tier_languages)
     table.write_parquet(Path(out_dir) / SCORES_FILE)
+    items.write_parquet(Path(out_dir) / ITEMS_FILE)
     write_report(report, Path(out_dir))
     return Scores(table, report, notes)
 
@@ -51,3 +61,10 @@ def missing_rows(table: pl.DataFrame, models: list[str]) -> list[str]:
     """``model/task`` pairs of the summary tasks that the table lacks (the asset check's question)."""
     have = set(zip(table["model"].to_list(), table["task"].to_list()))
     return [f"{m}/{t}" for m in models for t in SUMMARY_TASKS if (m, t) not in have]
+
+
+def read_findings(folder: Path) -> pl.DataFrame:
+    """The findings table ``benchmark_scores`` wrote (evaluate/findings.findings_table's columns)."""
+    from mmbert_dagster.evaluate.report import FINDINGS_FILE
+
+    return pl.read_parquet(Path(folder) / FINDINGS_FILE)

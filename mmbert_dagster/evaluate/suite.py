@@ -24,6 +24,10 @@ encode             tokens/s     packed inference throughput while embedding (lan
 
 Summary rows: for every (model, task, metric) the mean over the languages of each tier (lang ``"*"``) and
 over all languages (tier ``"all"``).
+
+Besides the table, :func:`evaluate` returns the *items*: the masked-token scores of every single held-out text
+(model, task, metric, lang, tier, article, value) — the units the findings' paired bootstrap resamples
+(``evaluate/stats.py``).
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ from mmbert_dagster.seeding import stable_seed
 
 SCHEMA = {"model": pl.String, "task": pl.String, "lang": pl.String, "tier": pl.String, "metric": pl.String,
           "value": pl.Float64}
+ITEM_SCHEMA = {"model": pl.String, "task": pl.String, "metric": pl.String, "lang": pl.String, "tier": pl.String,
+               "article": pl.Int64, "value": pl.Float64}
 TIERS = ("english", "high", "mid", "low", "unseen")
 CHANCE = {"retrieval": 1 / 6, "topic_probe": 1 / 6}
 
@@ -93,9 +99,11 @@ def _summaries(rows: pl.DataFrame) -> pl.DataFrame:
 
 
 def score_model(name: str, enc: Encoder, evalset: pl.DataFrame, cfg: EvalConfig, *, english: str, seed: int,
-                probe_tier: str) -> list[dict]:
-    """The per-language rows of one checkpoint on the held-out tasks (plus its throughput row)."""
+                probe_tier: str) -> tuple[list[dict], list[dict]]:
+    """The per-language rows of one checkpoint on the held-out tasks (plus its throughput row), and its item rows
+    (the masked-token scores of each text)."""
     rows: list[dict] = []
+    items: list[dict] = []
     langs, tiers = evalset["lang"].to_list(), evalset["tier"].to_list()
     tier_of = dict(zip(langs, tiers))
     articles = np.asarray(evalset["article"].to_list())
@@ -122,6 +130,11 @@ def score_model(name: str, enc: Encoder, evalset: pl.DataFrame, cfg: EvalConfig,
     by_lang: dict[str, list] = {}
     for i, p in zip(order, preds):
         by_lang.setdefault(langs[i], []).append(p)
+        if len(p[0]):
+            items += [{"model": name, "task": "mlm", "metric": metric, "lang": langs[i], "tier": tier_of[langs[i]],
+                       "article": int(articles[i]), "value": value}
+                      for metric, value in (("accuracy", masked_token_accuracy([p])[0]),
+                                            ("cross_entropy", masked_token_cross_entropy([p])))]
     for lang, results in by_lang.items():
         acc, _ = masked_token_accuracy(results)
         if not math.isnan(acc):
@@ -146,13 +159,14 @@ def score_model(name: str, enc: Encoder, evalset: pl.DataFrame, cfg: EvalConfig,
         for lang, acc in probe_accuracy(emb[train], articles[train].tolist(), tests, seed=seed).items():
             rows.append({"model": name, "task": "topic_probe", "lang": lang, "tier": tier_of[lang],
                          "metric": "accuracy", "value": acc})
-    return rows
+    return rows, items
 
 
 def evaluate(models: Mapping[str, Path], heldout: pl.DataFrame, tiers: Mapping[str, str], cfg: EvalConfig, *,
              english: str, seed: int, device: str = "cpu", log: Callable[[str], None] = print
-             ) -> tuple[pl.DataFrame, list[str]]:
-    """Score every model; returns (the long table with summary rows, notes such as skipped online tasks)."""
+             ) -> tuple[pl.DataFrame, list[str], pl.DataFrame]:
+    """Score every model; returns (the long table with summary rows, notes such as skipped online tasks, the
+    item table)."""
     from mmbert_dagster.evaluate.hf_tasks import run_hf_task
 
     evalset = eval_set(heldout, tiers, english, cfg.languages_per_tier, seed)
@@ -160,15 +174,20 @@ def evaluate(models: Mapping[str, Path], heldout: pl.DataFrame, tiers: Mapping[s
     log(f"evaluating {len(models)} model(s) on {evalset.height} held-out texts in {evalset['lang'].n_unique()} "
         f"languages ({', '.join(f'{t} {n}' for t, n in counts.iter_rows())})")
     rows: list[dict] = []
+    items: list[dict] = []
     encoders = {}
     for name, folder in models.items():
         enc = Encoder(Path(folder), device=device, batch_tokens=cfg.batch_tokens)
         if cfg.hf_tasks:  # kept for the online tasks below; otherwise each model is freed after scoring
             encoders[name] = enc
-        model_rows = score_model(name, enc, evalset, cfg, english=english, seed=seed, probe_tier=cfg.probe_train_tier)
+        model_rows, model_items = score_model(name, enc, evalset, cfg, english=english, seed=seed,
+                                              probe_tier=cfg.probe_train_tier)
         rows += model_rows
-        means = {t: np.mean([r["value"] for r in model_rows if r["task"] == t]) for t in ("mlm", "retrieval")}
-        log(f"{name}: mlm accuracy {means['mlm']:.3f}, retrieval@1 {means['retrieval']:.3f}, "
+        items += model_items
+        means = {(t, m): np.mean([r["value"] for r in model_rows if r["task"] == t and r["metric"] == m])
+                 for t, m in (("mlm", "accuracy"), ("mlm", "cross_entropy"), ("retrieval", "accuracy@1"))}
+        log(f"{name}: mlm accuracy {means['mlm', 'accuracy']:.3f} (cross-entropy {means['mlm', 'cross_entropy']:.2f}), "
+            f"retrieval@1 {means['retrieval', 'accuracy@1']:.3f}, "
             f"{enc.throughput.tokens_per_s:,.0f} tokens/s")
     notes: list[str] = []
     for task in cfg.hf_tasks:
@@ -180,4 +199,5 @@ def evaluate(models: Mapping[str, Path], heldout: pl.DataFrame, tiers: Mapping[s
             log(note)
     table = pl.DataFrame(rows, schema=SCHEMA)
     table = pl.concat([table, _summaries(table.filter(pl.col("task") != "encode"))])
-    return table.sort("model", "task", "tier", "lang"), notes
+    return (table.sort("model", "task", "tier", "lang"), notes,
+            pl.DataFrame(items, schema=ITEM_SCHEMA).sort("model", "task", "metric", "lang", "article"))

@@ -21,6 +21,11 @@ A checkpoint folder, and the module that owns each name (read a file back with t
 * ``fill_mask.json`` — ``export.write_probes`` / ``export.read_probes``.
 
 (``export``'s readers import no torch: asset checks may use them.)
+
+A checkpoint already committed from the same inputs and code version (``inputs.json``) can be reused instead
+of retrained (:func:`reusable_checkpoint`; the compute resource's ``reuse_checkpoints``): training is
+deterministic, so it would come out the same — this is how ``make repro`` adds ablations to the demo's graph
+without training the demo's stages again.
 """
 
 from __future__ import annotations
@@ -30,13 +35,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mmbert_dagster.artifacts import manifest_digest
+from mmbert_dagster.artifacts import ArtifactError, manifest_digest, verify_artifact
 from mmbert_dagster.evaluate.fill_mask import ProbeResult, languages_filled, probes_markdown, run_probes
 from mmbert_dagster.recipe import ModelShape, Stage
 from mmbert_dagster.train.checkpoint import TRAINER_STATE
 from mmbert_dagster.train.device import resolve_device
 from mmbert_dagster.train.distributed import Launcher, run_stage_distributed
-from mmbert_dagster.train.export import INPUTS_JSON, read_inputs, write_inputs, write_probes
+from mmbert_dagster.train.export import (
+    INPUTS_JSON,
+    read_inputs,
+    read_probes,
+    read_summary,
+    write_inputs,
+    write_probes,
+)
 from mmbert_dagster.train.loop import DEFAULT_CHECKPOINT_EVERY, run_stage
 
 
@@ -64,11 +76,12 @@ class CheckpointResult:
 def train_checkpoint(stage: Stage, shape: ModelShape, *, shards_dir: Path, tokenizer_dir: Path,
                      init_from: Path | None, upstream: dict[str, Path], out_dir: Path, work_dir: Path,
                      heldout_texts: Sequence[str], seed: int, settings: TrainSettings = TrainSettings(),
-                     log: Callable[[str], None] = print) -> CheckpointResult:
+                     version: str = "", log: Callable[[str], None] = print) -> CheckpointResult:
     """Train ``stage`` into ``out_dir`` (see the module docstring); ``upstream``: name -> artifact folder of every
-    input (shards, tokenizer, the init checkpoint), whose digests decide whether ``work_dir`` may be resumed."""
+    input (shards, tokenizer, the init checkpoint), whose digests — with ``version``, the asset's code version
+    (stage settings, shape, seed, training code) — decide whether ``work_dir`` may be resumed."""
     out_dir, work_dir = Path(out_dir), Path(work_dir)
-    inputs = prepare_work_dir(work_dir, upstream, log)
+    inputs = prepare_work_dir(work_dir, checkpoint_inputs(upstream, version), log)
     run = dict(shards_dir=Path(shards_dir), tokenizer_dir=Path(tokenizer_dir), out_dir=out_dir, state_dir=work_dir,
                init_from=Path(init_from) if init_from else None, heldout_texts=list(heldout_texts), seed=seed,
                device=settings.device, micro_batch_tokens=settings.micro_batch_tokens,
@@ -88,9 +101,26 @@ def train_checkpoint(stage: Stage, shape: ModelShape, *, shards_dir: Path, token
     return result
 
 
-def prepare_work_dir(work_dir: Path, upstream: dict[str, Path], log: Callable[[str], None]) -> dict[str, str]:
-    """Keep ``work_dir``'s resume state only if it was trained on the same upstream artifacts; return their digests."""
-    inputs = {name: manifest_digest(folder) for name, folder in upstream.items()}
+def checkpoint_inputs(upstream: dict[str, Path], version: str = "") -> dict[str, str]:
+    """What a checkpoint is trained from: upstream name -> its MANIFEST digest, and the code version."""
+    return {**{name: manifest_digest(folder) for name, folder in upstream.items()},
+            **({"code_version": version} if version else {})}
+
+
+def reusable_checkpoint(folder: Path, upstream: dict[str, Path], version: str) -> CheckpointResult | None:
+    """The committed checkpoint in ``folder`` if it is complete and was trained from the same upstream artifacts
+    and code version; else None (missing, incomplete, or trained from something else)."""
+    try:
+        verify_artifact(folder)
+        if read_inputs(folder) != checkpoint_inputs(upstream, version):
+            return None
+        return CheckpointResult(read_summary(folder), read_probes(folder), read_inputs(folder))
+    except (ArtifactError, OSError, ValueError):
+        return None
+
+
+def prepare_work_dir(work_dir: Path, inputs: dict[str, str], log: Callable[[str], None]) -> dict[str, str]:
+    """Keep ``work_dir``'s resume state only if it was trained from the same ``inputs``; return them."""
     if work_dir.exists():
         if (work_dir / INPUTS_JSON).is_file() and read_inputs(work_dir) == inputs:
             log(f"found resume state for the same inputs in {work_dir}")
