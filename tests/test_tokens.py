@@ -132,6 +132,18 @@ def test_tokenizer_sample_caps_bytes_per_language_and_is_deterministic(corpus):
     assert all(950 <= b <= 1000 for b in per_lang.values()), per_lang
 
 
+def test_tokenizer_sample_shares_bytes_like_the_mixtures_with_sample_tau():
+    from mmbert_dagster.data.tokenizer import sample_budgets
+
+    have = {"big": 1_000_000, "mid": 100_000, "small": 5_000, "empty": 0}
+    assert sample_budgets(have, 10_000, 0.0) == {"big": 10_000, "mid": 10_000, "small": 5_000, "empty": 0}
+    b = sample_budgets(have, 10_000, 0.7)
+    assert sum(b.values()) <= 25_000 and sum(b.values()) > 24_990  # the same total as τ = 0
+    assert b["big"] / b["mid"] == pytest.approx(10 ** 0.7, rel=0.01) and b["small"] < 5_000
+    flat = sample_budgets({"a": 50_000, "b": 2_000, "c": 50_000}, 10_000, 0.5)  # b has less than its share
+    assert flat == {"a": 10_000, "b": 2_000, "c": 10_000}  # b takes all it has; a and c share the rest
+
+
 def test_trained_tokenizer_round_trips_multilingual_text(tokenizer_dir, corpus):
     from tokenizers import Tokenizer
 

@@ -42,12 +42,26 @@ def _script(lang: str) -> str:
 
 
 def sample_budgets(available: dict[str, int], per_lang: int, tau: float) -> dict[str, int]:
-    """Bytes to sample per language: ``per_lang × languages`` shared ∝ ``available ** tau`` — as the mixtures
-    share tokens — and never more than a language has. τ = 0: ``per_lang`` from every language (what a small
-    language lacks is not handed on, so the sample, and the tokenizer's training time, stay bounded)."""
-    weights = {lang: float(n) ** tau if n > 0 else 0.0 for lang, n in available.items()}
-    total = sum(weights.values()) or 1.0
-    return {lang: min(n, int(per_lang * len(available) * weights[lang] / total)) for lang, n in available.items()}
+    """Bytes to sample per language. The total is that of ``per_lang`` bytes from every language (all of a
+    smaller one), so the tokenizer's training time does not depend on τ; it is shared ∝ ``available ** tau`` —
+    as the mixtures share tokens — never giving a language more than it has, the rest going to the others
+    (water-filling). τ = 0 gives exactly ``min(available, per_lang)``."""
+    budgets = {lang: 0 for lang in available}
+    left = sum(min(n, per_lang) for n in available.values())
+    open_langs = {lang for lang, n in available.items() if n > 0}
+    while open_langs and left > 0:
+        weight = {lang: float(available[lang]) ** tau for lang in open_langs}
+        total = sum(weight.values())
+        full = {lang for lang in open_langs if left * weight[lang] / total >= available[lang]}
+        if not full:
+            for lang in sorted(open_langs):
+                budgets[lang] = int(left * weight[lang] / total)
+            break
+        for lang in full:  # takes all it has; the others share what is left
+            budgets[lang] = available[lang]
+            left -= available[lang]
+        open_langs -= full
+    return budgets
 
 
 def sample_for_tokenizer(docs: pl.DataFrame, cfg: TokenizerConfig, seed: int) -> Iterator[tuple[str, str]]:
