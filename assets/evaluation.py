@@ -96,7 +96,8 @@ def benchmark_scores(context: AssetExecutionContext, store: ArtifactStore, compu
 
     models = {k: store.require(k) for k in [*CHECKPOINTS, *MERGES]}
     tiers = mixtures.tiers_of(mixtures.read_language_stats(store.require("language_stats")))
-    tier_languages = {t: sorted(lang for lang, x in tiers.items() if x == t) for t in set(tiers.values())}
+    tier_languages = {t: sorted(lang for lang, x in tiers.items() if x == t and lang != RECIPE.english)
+                      for t in set(tiers.values())} | {"english": [RECIPE.english]}
     with store.write("benchmark_scores") as out:
         scores = score_checkpoints(
             models, sources.read_heldout(store.require("raw_corpus")), tiers, RECIPE.eval, out,

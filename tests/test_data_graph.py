@@ -51,7 +51,10 @@ def test_whole_graph_materializes_with_passing_checks(graph):
     mlm = scores.filter(pl.col("task") == "mlm")
     assert set(mlm["metric"]) == {"accuracy", "cross_entropy"} and mlm["value"].is_finite().all()
     report = (root / "benchmark_scores" / "report.md").read_text()
-    assert "Decay-All lifts low over Decay-Eng?" in report and "plots/loss_curves.png" in report
+    assert "Decay-All beats Decay-Eng on languages only it trained on" in report and "plots/loss_curves.png" in report
+    assert "## Languages per tier" in report
+    items = pl.read_parquet(root / "benchmark_scores" / "items.parquet")  # every held-out text, per model
+    assert set(items["model"]) == TRAINING_KEYS | {"merged_model"} and items["article"].n_unique() > 1
     assert (root / "benchmark_scores" / "plots" / "loss_curves.png").stat().st_size > 1000
 
 
