@@ -46,7 +46,7 @@ repro: env $(DAGSTER_HOME)/dagster.yaml
 	MMBERT_PRESET=$(REPRO) MMBERT_REUSE_CHECKPOINTS=1 $(BIN)/dagster asset materialize -m mmbert_dagster.definitions \
 	  --select '*' $(REPRO_ARGS) && \
 	echo "materialized the paper graph, the ablations and the seeds in $$(( $$(date +%s) - start )) s" && \
-	echo "findings: the report of benchmark_scores (under $(MMBERT_HOME)/<recipe name>/benchmark_scores/report.md)"
+	echo "findings: $(MMBERT_HOME)/$$($(BIN)/python -c "from mmbert_dagster.recipe import load_recipe; print(load_recipe('$(REPRO)').name)")/benchmark_scores/report.md"
 
 test: env browser
 	$(BIN)/python -m pytest -q

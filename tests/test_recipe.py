@@ -159,7 +159,7 @@ def test_merged_stages_must_continue_from_one_checkpoint():
 
 
 @pytest.mark.parametrize("change, field, message", [
-    ({"heads": 3}, "heads", "hidden = 256 is not a multiple of heads = 3"),
+    ({"heads": 3}, "heads", "hidden = 128 is not a multiple of heads = 3"),
     ({"hidden": 12, "heads": 4, "intermediate": 16}, "heads", "hidden / heads = 3 must be even"),
     ({"local_window": 127}, "local_window", "must be even"),
     ({"layers": 0}, "layers", "must be a positive integer"),
