@@ -26,12 +26,13 @@ from dagster import (
 
 from mmbert_dagster import mixtures
 from mmbert_dagster.data import sources
-from mmbert_dagster.recipe import checkpoint_key, mixture_key
+from mmbert_dagster.recipe import RELEASED_KEY, checkpoint_key, mixture_key
 from mmbert_dagster.resources import ArtifactStore, Compute
 
 from ._common import RECIPE, code_version, table_metadata
 
-CHECKPOINTS = [checkpoint_key(s) for s in RECIPE.stages]  # every stage's checkpoint, in recipe order
+# every stage's checkpoint, in recipe order (after the released checkpoint the recipe continues, if any)
+CHECKPOINTS = [RELEASED_KEY] * bool(RECIPE.released) + [checkpoint_key(s) for s in RECIPE.stages]
 MERGES = list(RECIPE.merges)  # merged_model ([merge]) and the [merges.<key>] ones (and their seed replicas)
 MERGED = {checkpoint_key(s): w for s, w in RECIPE.merge.weights.items()}  # merged_model's inputs -> weight
 EVAL_MODULES = tuple(f"mmbert_dagster.evaluate.{m}" for m in ("encode", "metrics", "suite", "hf_tasks", "report",

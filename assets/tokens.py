@@ -14,7 +14,7 @@ from dagster import (
 
 from mmbert_dagster import mixtures
 from mmbert_dagster.data import filtering, langid, shard_reader, shards, tokenizer
-from mmbert_dagster.recipe import DATA_FIELDS, mixture_key, shards_key
+from mmbert_dagster.recipe import DATA_FIELDS, RELEASED_KEY, mixture_key, shards_key
 from mmbert_dagster.render import bar_chart_md
 from mmbert_dagster.resources import ArtifactStore, ExternalModels
 
@@ -26,17 +26,20 @@ ROUNDTRIP_SAMPLE = 64  # documents per shard set decoded back to text by the ass
 @asset(
     name="tokenizer",
     group_name="tokens",
-    deps=["filtered_corpus", "language_id_table"],
-    code_version=code_version("tokenizer", "seed", modules=(tokenizer,)),
+    deps=["filtered_corpus", "language_id_table", *([RELEASED_KEY] if RECIPE.released else [])],
+    code_version=code_version("tokenizer", "seed", modules=(tokenizer,), extra=RECIPE.released),
 )
 def tokenizer_asset(context: AssetExecutionContext, store: ArtifactStore, external_models: ExternalModels) -> MaterializeResult:
     """A byte-level BPE trained on a sample of every language (tiny preset), or a user-supplied tokenizer (e.g.
-    Gemma-2's for the paper presets), saved as a Hugging Face tokenizer folder."""
+    Gemma-2's for the paper presets) — the released checkpoint's own when a stage continues one — saved as a
+    Hugging Face tokenizer folder."""
     docs = langid.labelled_documents(store.require("filtered_corpus"), store.require("language_id_table"))
+    user_path = external_models.tokenizer_path or RECIPE.tokenizer.pretrained_path
+    if RECIPE.released and not user_path:
+        user_path = str(store.require(RELEASED_KEY))  # the checkpoint decides the tokenizer
     with store.write("tokenizer") as out:
         info = tokenizer.build_tokenizer(docs.select("lang", "text").collect(), out, RECIPE.tokenizer, RECIPE.seed,
-                                         user_path=external_models.tokenizer_path or RECIPE.tokenizer.pretrained_path,
-                                         log=context.log.info)
+                                         user_path=user_path, log=context.log.info)
     metadata = {"path": MetadataValue.path(str(store.path("tokenizer")))}
     for k, v in info.items():
         metadata[k] = MetadataValue.json(v) if isinstance(v, (dict, list)) else v

@@ -10,6 +10,7 @@ from dagster import (
     AssetExecutionContext,
     AssetKey,
     AssetsDefinition,
+    DataVersion,
     MaterializeResult,
     MetadataValue,
     asset,
@@ -18,7 +19,7 @@ from dagster import (
 
 from mmbert_dagster import mixtures
 from mmbert_dagster.data import sources
-from mmbert_dagster.recipe import checkpoint_key, mixture_key, shards_key
+from mmbert_dagster.recipe import RELEASED_KEY, checkpoint_key, mixture_key, shards_key
 from mmbert_dagster.render import line_chart_md
 from mmbert_dagster.resources import ArtifactStore, Compute
 from mmbert_dagster.train import CORE_MODULES
@@ -35,6 +36,43 @@ def stage_inputs(stage_name: str) -> dict[str, str]:
     init = RECIPE.stage(stage_name).init_from
     return {"shards": shards_key(data), "mixture": mixture_key(data), "tokenizer": "tokenizer",
             "raw_corpus": "raw_corpus", **({"init": checkpoint_key(init)} if init else {})}
+
+
+def build_released_asset() -> AssetsDefinition:
+    """``released_checkpoint``: the model ``init_from`` names (hf://, a folder or a Composer .pt) as a ModernBERT
+    folder under the artifact root; its code version is the reference, its data version the resolved revision
+    (or the files' digest), so a new revision shows downstream as a change."""
+    ref = RECIPE.released
+
+    @asset(name=RELEASED_KEY, group_name="training",
+           code_version=code_version(extra=ref, modules=("mmbert_dagster.released", "mmbert_dagster.composer")),
+           description=f"The released checkpoint {ref} (init_from), as a ModernBERT folder")
+    def _released(context: AssetExecutionContext, store: ArtifactStore) -> MaterializeResult:
+        from mmbert_dagster.artifacts import manifest_digest
+        from mmbert_dagster.released import fetch_released
+
+        with store.write(RELEASED_KEY) as out:
+            record = fetch_released(ref, out, cache_dir=store.cache_dir("huggingface"), log=context.log.info)
+        return MaterializeResult(
+            metadata={"path": MetadataValue.path(str(store.path(RELEASED_KEY))), "reference": ref,
+                      "kind": record["kind"], "revision": record["revision"] or "n/a",
+                      "shape": MetadataValue.json(record["shape"]), "vocab_size": record["vocab_size"]},
+            data_version=DataVersion(record["revision"] or manifest_digest(store.path(RELEASED_KEY))))
+
+    return _released
+
+
+def stage_shape(stage_name: str, store: ArtifactStore):
+    """The model shape a stage trains: the recipe's, or the released checkpoint's when the stage descends from it
+    (a recipe [model] field that disagrees with the checkpoint is an error naming both values)."""
+    if not RECIPE.continues_released(stage_name):
+        return RECIPE.model
+    import json
+
+    from mmbert_dagster.released import reconcile_shape
+
+    config = json.loads((store.require(RELEASED_KEY) / "config.json").read_text())
+    return reconcile_shape(RECIPE.model, RECIPE.model_fields, config, RECIPE.source_file)
 
 
 def build_training_asset(stage_name: str) -> AssetsDefinition:
@@ -57,7 +95,7 @@ def build_training_asset(stage_name: str) -> AssetsDefinition:
             langs = mixtures.read_mixture(up["mixture"])["lang"].to_list()
             with store.write(key) as out:
                 result = train_checkpoint(
-                    stage, RECIPE.model, shards_dir=up["shards"], tokenizer_dir=up["tokenizer"],
+                    stage, stage_shape(stage_name, store), shards_dir=up["shards"], tokenizer_dir=up["tokenizer"],
                     init_from=up.get("init"), upstream=upstream, out_dir=out, work_dir=store.work_dir(key),
                     heldout_texts=sources.heldout_texts(up["raw_corpus"], langs, HELDOUT_DOCS),
                     seed=RECIPE.stage_seed(stage_name), settings=compute.train_settings(), version=version,
@@ -138,5 +176,6 @@ def build_training_checks(key: str) -> list:
     return [_finite, _decreased, _fills]
 
 
-training_assets = [build_training_asset(s) for s in RECIPE.stages]
+training_assets = [build_training_asset(s) for s in RECIPE.stages] + ([build_released_asset()] if RECIPE.released
+                                                                     else [])
 training_checks = [check for s in RECIPE.stages for check in build_training_checks(checkpoint_key(s))]

@@ -47,6 +47,10 @@ class ArtifactLayout:
         """``<root>/.work/<recipe>/<key>/``: scratch space that outlives a killed run (resume state, executor logs)."""
         return Path(self.root) / ".work" / self.recipe / key
 
+    def cache(self, name: str) -> Path:
+        """``<root>/.cache/<name>/``: downloads shared by every recipe (e.g. the Hugging Face hub's cache)."""
+        return Path(self.root) / ".cache" / name
+
 
 def sha256_file(path: Path) -> str:
     with open(path, "rb") as f:

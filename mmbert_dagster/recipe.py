@@ -5,7 +5,9 @@ stage then writes only what differs from the stage it ``extends``. The recipe's 
 fields of this file (settings of *where* work runs — devices, processes — live in the compute resource).
 
 The stage graph is the recipe: every ``[stages.X]`` (other than ``base``) is a training stage with a mixture,
-shards and a checkpoint; ``init_from`` names the earlier stage it continues from, ``data_from`` another stage
+shards and a checkpoint; ``init_from`` names the earlier stage it continues from — or a released checkpoint
+(``hf://org/name[@revision]``, a model folder or a Composer ``.pt``: the asset ``released_checkpoint``, see
+``released.py``) —, ``data_from`` another stage
 whose mixture and shards it reuses (a stage that differs only in training settings), ``[merge] weights`` the
 stages merged into ``merged_model`` (and ``[merges.<key>]`` further merges, e.g. a plain average).
 :func:`checkpoint_key` and :func:`mixture_key` / :func:`shards_key` name their assets.
@@ -29,13 +31,16 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from mmbert_dagster.released import ReleasedError, is_released_ref, parse_ref
+
 PAPER_STAGES = ("pretrain", "midtrain", "decay_eng", "decay_cont", "decay_all")  # the paper's stage graph
 # the stage fields a mixture and its shards depend on (a stage with ``data_from`` must agree on all of them)
 DATA_FIELDS = ("languages", "tau", "tokens", "max_repeat", "english_boost")
 # asset keys that are not stages' (a stage's keys must not collide with them)
 OTHER_KEYS = ("raw_corpus", "filtered_corpus", "language_id_model", "language_id_table", "language_stats",
-              "tokenizer", "benchmark_scores")
+              "tokenizer", "benchmark_scores", "released_checkpoint")
 MERGED_MODEL = "merged_model"  # the asset key of the ``[merge]`` section's merge (mmBERT's final model)
+RELEASED_KEY = "released_checkpoint"  # the asset of a released checkpoint a stage continues from
 MERGE_METHODS = ("ties", "linear")
 STAGE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
 LANG_CODE = re.compile(r"^[a-z]{3}_[A-Z][a-z]{3}$")  # ISO 639-3 + ISO 15924 script, e.g. deu_Latn
@@ -161,7 +166,8 @@ class Stage:
     weight_decay: float
     betas: tuple[float, float]
     grad_clip: float
-    init_from: str  # "" (random init) or the earlier stage whose checkpoint this stage continues
+    init_from: str  # "" (random init), the earlier stage whose checkpoint this stage continues, or a released
+    # checkpoint: hf://org/name[@revision], a Hugging Face model folder, or a Composer .pt (released.py)
     data_from: str = ""  # "" (own mixture and shards) or the stage whose mixture and shards this stage reuses
     shuffle_window_docs: int = 64  # pieces of this many consecutive documents are read in a shuffled order
     # (train/packing.py); 1 reads them in order, so one long document fills several optimizer steps in a row
@@ -195,6 +201,7 @@ class Recipe:
     replicas: Replicas = field(default_factory=Replicas)
     eval: EvalConfig = field(default_factory=EvalConfig)
     include: str = ""  # the preset this recipe started from (see the module docstring)
+    model_fields: tuple[str, ...] = ()  # the [model] fields the recipe states (a released checkpoint must agree)
 
     def stage(self, name: str) -> Stage:
         try:
@@ -223,6 +230,18 @@ class Recipe:
     @property
     def merge_base(self) -> str:
         return self.merge_base_of(MERGED_MODEL)
+
+    @property
+    def released(self) -> str:
+        """The released checkpoint some stage continues from (``init_from`` reference), or ""."""
+        return next((s.init_from for s in self.stages.values() if is_released_ref(s.init_from)), "")
+
+    def continues_released(self, name: str) -> bool:
+        """Stage ``name`` descends from the released checkpoint (its model is the checkpoint's shape)."""
+        s = self.stage(name)
+        while s.init_from and not is_released_ref(s.init_from):
+            s = self.stage(s.init_from)
+        return is_released_ref(s.init_from)
 
     def stage_seed(self, name: str) -> int:
         """The seed stage ``name`` trains with: its own ``seed`` if set, else the recipe's."""
@@ -260,7 +279,9 @@ class Recipe:
 def checkpoint_key(stage: str) -> str:
     """The asset key of a stage's checkpoint: a decay stage (name starting with ``decay``) is a product named by
     the stage itself (``decay_all``, ``decay_all_mask30``); any other stage's is ``<stage>_checkpoint``
-    (``pretrain_checkpoint``)."""
+    (``pretrain_checkpoint``); a released checkpoint's (an ``init_from`` reference) is ``released_checkpoint``."""
+    if is_released_ref(stage):
+        return RELEASED_KEY
     return stage if stage.startswith("decay") else f"{stage}_checkpoint"
 
 
@@ -405,9 +426,18 @@ def _validate_graph(stages: dict[str, Stage], source: str, merges: dict[str, Mer
         where = f"{source}: stages.{name}"
         _check(STAGE_NAME.match(name) is not None, where,
                "a stage name is lower-case letters, digits and '_', starting with a letter")
-        if s.init_from:
+        if is_released_ref(s.init_from):
+            others = {x.init_from for x in stages.values() if is_released_ref(x.init_from)} - {s.init_from}
+            _check(not others, f"{where}.init_from", f"a recipe continues one released checkpoint; "
+                   f"{s.init_from!r} and {sorted(others)} are named")
+            try:
+                parse_ref(s.init_from)
+            except ReleasedError as e:
+                raise RecipeError(f"{where}.init_from: {e}") from None
+        elif s.init_from:
             _check(s.init_from in order[:i], f"{where}.init_from",
-                   f"must name an earlier stage (one of {order[:i]}), got {s.init_from!r}")
+                   f"must name an earlier stage (one of {order[:i]}) or a released checkpoint (hf://org/name, a "
+                   f"model folder, a Composer .pt), got {s.init_from!r}")
         if s.data_from:
             _check(s.data_from in stages and s.data_from != name, f"{where}.data_from",
                    f"must name another stage (one of {[n for n in order if n != name]}), got {s.data_from!r}")
@@ -492,6 +522,7 @@ def recipe_from_dict(data: dict, source: str = "<dict>") -> Recipe:
     _check(isinstance(stages_raw, dict), source, "missing [stages] table")
     base = stages_raw.pop("base", None)
     _check(isinstance(base, dict), f"{source}: stages.base", "missing; every stage extends it")
+    model_table = data.get("model", {})
     sections = {
         "model": (ModelShape, data.pop("model", {})),
         "filters": (FilterConfig, data.pop("filters", {})),
@@ -529,7 +560,8 @@ def recipe_from_dict(data: dict, source: str = "<dict>") -> Recipe:
     built.update(merges=merges, replicas=replicas)
 
     top = {k: data.pop(k) for k in list(data)}
-    recipe = _build(Recipe, top, f"{source}: top level", source_file=source, stages=stages, **built)
+    recipe = _build(Recipe, top, f"{source}: top level", source_file=source, stages=stages,
+                    model_fields=tuple(sorted(model_table)), **built)
     # the name is a folder under the artifact root: a plain name, so no recipe can write outside the root
     _check(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", recipe.name) is not None, f"{source}: name",
            f"must be a plain folder name (letters, digits, '_', '-', '.'), got {recipe.name!r}")

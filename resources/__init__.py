@@ -36,6 +36,10 @@ class ArtifactStore(ConfigurableResource):
         """Scratch folder of asset ``key`` that survives a killed run (resume state, executor logs)."""
         return self.layout().work(key)
 
+    def cache_dir(self, name: str) -> Path:
+        """A download cache under the artifact root, shared by every recipe (``<root>/.cache/<name>``)."""
+        return self.layout().cache(name)
+
     def require(self, key: str) -> Path:
         """The folder of an upstream artifact, verified complete and uncorrupted."""
         folder = self.path(key)

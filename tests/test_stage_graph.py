@@ -147,3 +147,55 @@ def test_make_repro_on_the_test_budget_writes_the_findings_table(graph, tmp_path
     assert set(findings["verdict"]) <= {"holds", "reversed", "not significant"}
     report = (home / "e2e" / "benchmark_scores" / "report.md").read_text()
     assert "## The paper's claims, measured on this run" in report and "finding_a_per_language.png" in report
+
+
+@pytest.mark.slow
+def test_a_recipe_continues_a_released_checkpoint_with_its_shape_and_tokenizer(graph, tmp_path):
+    """The `extend` preset on a local "released" ModernBERT folder (the e2e graph's mid-training checkpoint:
+    its own tokenizer, a shape the preset does not state): released_checkpoint -> its tokenizer -> shards ->
+    two decays -> TIES relative to the released model -> scores that include it."""
+    import json
+    import shutil
+
+    import polars as pl
+    from tokenizers import Tokenizer
+
+    released = tmp_path / "released"
+    shutil.copytree(graph["home"] / "e2e" / "midtrain_checkpoint", released,
+                    ignore=shutil.ignore_patterns("trainer_state", "logs", "MANIFEST.json"))
+    text = (REPO / "mmbert_dagster" / "recipes" / "extend.toml").read_text()
+    for old, new in (('name = "extend"', 'name = "e2e"'), ("tier_high = 60", "tier_high = 8"),
+                     ("tier_mid = 110", "tier_mid = 24"), ("tokens = 50_000_000", "tokens = 20_000"),
+                     ("context_length = 8192", "context_length = 1024"), ("batch_tokens = 65_536", "batch_tokens = 4096"),
+                     ('init_from = "hf://jhu-clsp/mmBERT-base"', f'init_from = "{released}"'),
+                     ("languages_per_tier = 24", "languages_per_tier = 4\nmax_texts_per_lang = 2")):
+        assert old in text, old
+        text = text.replace(old, new)
+    recipe = tmp_path / "extend_e2e.toml"
+    recipe.write_text(text)
+    home = copy_home(graph, tmp_path / "home", ["raw_corpus", "filtered_corpus", "language_id_model",
+                                                "language_id_table"])
+    os.environ.update(MMBERT_PRESET=str(recipe), MMBERT_HOME=str(home))
+    try:
+        defs = load_definitions()
+        assert upstream(defs, "decay_new") >= {"released_checkpoint", "shards_decay_new"}
+        assert "released_checkpoint" in upstream(defs, "tokenizer")
+        assert upstream(defs, "merged_model") == {"decay_new", "decay_known", "released_checkpoint"}
+        keep = {"released_checkpoint", "tokenizer", "language_stats", "mixture_decay_new", "mixture_decay_known",
+                "shards_decay_new", "shards_decay_known", "decay_new", "decay_known", "merged_model",
+                "benchmark_scores"}
+        selected = [a for a in defs.assets if {k.to_user_string() for k in a.keys} & keep]
+        result = materialize(selected, resources=defs.resources, run_config=run_config(graph["corpus"]))
+        assert result.success
+    finally:
+        os.environ.update(MMBERT_PRESET=str(RECIPE), MMBERT_HOME=str(graph["home"]))
+        load_definitions()
+    root = home / "e2e"
+    vocab = Tokenizer.from_file(str(released / "tokenizer.json")).get_vocab(True)
+    assert Tokenizer.from_file(str(root / "tokenizer" / "tokenizer.json")).get_vocab(True) == vocab
+    cfg, want = json.loads((root / "decay_new" / "config.json").read_text()), json.loads((released / "config.json").read_text())
+    for key in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size"):
+        assert cfg[key] == want[key], key  # the checkpoint's shape, though the preset's [model] defaults differ
+    assert "released_checkpoint" in json.loads((root / "decay_new" / "inputs.json").read_text())
+    scores = pl.read_parquet(root / "benchmark_scores" / "scores.parquet")
+    assert {"released_checkpoint", "decay_new", "decay_known", "merged_model"} <= set(scores["model"])

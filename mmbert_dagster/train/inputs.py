@@ -49,18 +49,28 @@ def read_vocabulary(tokenizer_dir: Path) -> Vocabulary:
 
 
 def check_init_tokenizer(init_from: Path, tokenizer_dir: Path) -> None:
-    """Raise ``TokenizerMismatch`` unless the checkpoint ``init_from`` was trained with ``tokenizer_dir``'s tokenizer
-    (the same ``tokenizer.json`` bytes)."""
+    """Raise ``TokenizerMismatch`` unless the checkpoint ``init_from`` was trained with ``tokenizer_dir``'s tokenizer:
+    the same ``tokenizer.json`` bytes, or (a released checkpoint's tokenizer, adopted with truncation and padding
+    switched off) the same vocabulary — every token with the same id."""
     have, want = Path(init_from) / TOKENIZER_FILE, Path(tokenizer_dir) / TOKENIZER_FILE
     if not have.is_file():
         raise TokenizerMismatch(f"{have}: missing, so the init checkpoint cannot be checked against the stage's "
                                 f"tokenizer {want}; continue only from a stage output (it carries its tokenizer)")
     have_sha, want_sha = sha256_file(have), sha256_file(want)
-    if have_sha != want_sha:
+    if have_sha != want_sha and not _same_vocabulary(have, want):
         raise TokenizerMismatch(
             f"the init checkpoint was trained with another tokenizer than this stage's: {have} (SHA-256 "
             f"{have_sha[:12]}) vs {want} ({want_sha[:12]}); its token ids do not line up with the shards — "
             f"re-materialize the checkpoint it continues from with this tokenizer")
+
+
+def _same_vocabulary(a: Path, b: Path) -> bool:
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(a)).get_vocab(True) == Tokenizer.from_file(str(b)).get_vocab(True)
+    except Exception:  # an unreadable file is a mismatch, reported with both paths by the caller
+        return False
 
 
 def open_inputs(shards_dir: Path, tokenizer_dir: Path, init_from: Path | None) -> tuple[ShardReader, Vocabulary]:
