@@ -199,3 +199,9 @@ def test_a_recipe_continues_a_released_checkpoint_with_its_shape_and_tokenizer(g
     assert "released_checkpoint" in json.loads((root / "decay_new" / "inputs.json").read_text())
     scores = pl.read_parquet(root / "benchmark_scores" / "scores.parquet")
     assert {"released_checkpoint", "decay_new", "decay_known", "merged_model"} <= set(scores["model"])
+    ce = {(r["model"], r["tier"]): r["value"] for r in scores.filter(
+        (pl.col("task") == "mlm") & (pl.col("metric") == "cross_entropy") & (pl.col("lang") == "*")).iter_rows(named=True)}
+    # the languages the released model never trained on (low: below its mid-training set) are learned ...
+    assert ce["decay_new", "low"] < ce["released_checkpoint", "low"], ce
+    # ... and the merge keeps English within 0.3 nats of the released model (our margin for this tiny run)
+    assert ce["merged_model", "english"] < ce["released_checkpoint", "english"] + 0.3, ce
