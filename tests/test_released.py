@@ -138,9 +138,14 @@ def test_init_from_may_name_one_released_checkpoint_and_the_extend_preset_does()
     assert r.lineage() == {"decay_new": "released_checkpoint", "decay_known": "released_checkpoint"}
     assert checkpoint_key(r.merge_base) == "released_checkpoint" and r.continues_released("decay_known")
     d = tomllib.loads((resources.files("mmbert_dagster.recipes") / "extend.toml").read_text())
-    for init, message in (("/models/other", "a recipe continues one released checkpoint"),
-                          ("hf://no-org", "init_from: hf://no-org: not a Hugging Face model id"),
-                          ("nowhere", "must name an earlier stage .* or a released checkpoint")):
-        d["stages"]["decay_other"] = {"init_from": init}
-        with pytest.raises(RecipeError, match=rf"init_from: .*{message}"):
-            recipe_from_dict(d, "my.toml")
+    d["stages"]["decay_other"] = {"init_from": "/models/other"}
+    with pytest.raises(RecipeError, match="a recipe continues one released checkpoint"):
+        recipe_from_dict(d, "my.toml")
+    d["stages"]["decay_other"] = {"init_from": "nowhere"}
+    with pytest.raises(RecipeError, match=r"stages\.decay_other\.init_from: must name an earlier stage .* or a "
+                                          r"released checkpoint"):
+        recipe_from_dict(d, "my.toml")
+    del d["stages"]["decay_other"]
+    d["stages"]["base"]["init_from"] = "hf://no-org"
+    with pytest.raises(RecipeError, match=r"stages\.decay_new\.init_from: hf://no-org: not a Hugging Face model id"):
+        recipe_from_dict(d, "my.toml")
