@@ -171,6 +171,9 @@ class Stage:
     data_from: str = ""  # "" (own mixture and shards) or the stage whose mixture and shards this stage reuses
     shuffle_window_docs: int = 64  # pieces of this many consecutive documents are read in a shuffled order
     # (train/packing.py); 1 reads them in order, so one long document fills several optimizer steps in a row
+    batch_warmup_tokens: int = 0  # batch-size warm-up: over the stage's first this many tokens, the tokens per
+    # step grow linearly from batch_warmup_min_tokens to batch_tokens (Composer's batch_size_warmup_tokens; 0: none)
+    batch_warmup_min_tokens: int = 0  # the first step's tokens (mmBERT: 48 sequences); 0 = context_length
     seed: int = 0  # 0 = the recipe's seed; another value trains the same stage with another data order and masks
     # (and init, from random) — what [replicas] sets
 
@@ -339,6 +342,9 @@ def _validate_stage(s: Stage, where: str) -> None:
     _check(s.weight_decay >= 0, f"{where}.weight_decay", f"must be >= 0, got {s.weight_decay!r}")
     _check(s.shuffle_window_docs >= 1, f"{where}.shuffle_window_docs", f"must be >= 1, got {s.shuffle_window_docs!r}")
     _check(isinstance(s.seed, int) and s.seed >= 0, f"{where}.seed", f"must be an integer >= 0, got {s.seed!r}")
+    _check(s.batch_warmup_tokens >= 0, f"{where}.batch_warmup_tokens", f"must be >= 0, got {s.batch_warmup_tokens!r}")
+    _check(0 <= s.batch_warmup_min_tokens <= s.batch_tokens, f"{where}.batch_warmup_min_tokens",
+           f"must be in [0, batch_tokens = {s.batch_tokens}], got {s.batch_warmup_min_tokens!r}")
     if isinstance(s.languages, str):
         _check(s.languages == "all", f"{where}.languages", f"must be a count, 'all' or a list of codes, got {s.languages!r}")
     elif isinstance(s.languages, int):

@@ -25,10 +25,11 @@ from mmbert_dagster.train.checkpoint import CheckpointError, read_state
 from mmbert_dagster.train.inputs import TokenizerMismatch
 from mmbert_dagster.train.loop import run_stage
 from mmbert_dagster.train.masking import mask_batch, mask_tokens, micro_batch_generator
+from mmbert_dagster.train.metrics import read_metrics
 from mmbert_dagster.train.model import build_model, context_of, extend_context, load_model
 from mmbert_dagster.train.optim import micro_batch_geometry
 from mmbert_dagster.train.packing import IGNORE, DataPosition, Packer, collate, split_document
-from mmbert_dagster.train.schedule import lr_at, total_steps_for, warmup_steps_for
+from mmbert_dagster.train.schedule import accum_schedule, lr_at, total_steps_for, warmup_steps_for, warmup_steps_in
 
 from model_helpers import SHAPE, SPECIALS, VOCAB, free_port, random_doc, reference_copy
 from stage_data import QUIET, STAGE, WORDS, make_stage_data
@@ -270,6 +271,32 @@ def test_lr_schedule_shapes_at_stage_boundaries():
     # steps from tokens
     assert total_steps_for(STAGE) == 5 and warmup_steps_for(STAGE) == 2
     assert total_steps_for(dataclasses.replace(STAGE, tokens=100)) == 1
+
+
+def test_batch_size_warm_up_grows_the_step_linearly_then_holds_the_full_batch():
+    """mmBERT's pre-training grows the batch from 48 sequences over 60B tokens: here from 256 to 4096 tokens over
+    the first 16k of a 64k-token stage, in micro-batches of 256 tokens (16 make the full batch)."""
+    stage = dataclasses.replace(STAGE, tokens=65_536, batch_tokens=4096, batch_warmup_tokens=16_384,
+                                batch_warmup_min_tokens=256, warmup_tokens=8192)
+    assert accum_schedule(STAGE, 2, 512) is None  # no warm-up: a constant batch, tokens // batch_tokens steps
+    accums = accum_schedule(stage, 16, 256)
+    assert accums[0] == 1 and all(a <= b for a, b in pairwise(accums)) and max(accums) == 16
+    seen = np.cumsum([0] + [a * 256 for a in accums])
+    for k, a in enumerate(accums):  # linear in the tokens seen, then the full batch
+        assert a == min(16, max(1, int(np.ceil((256 + (4096 - 256) * min(seen[k] / 16_384, 1)) / 256))))
+    assert seen[-1] >= 65_536 > seen[-2]  # the stage's budget, and not a step more
+    assert len(accums) > 65_536 // 4096  # more (smaller) steps than without the warm-up
+    assert warmup_steps_in(accums, 256, 8192) == int(np.argmax(seen >= 8192))  # the LR warm-up counts tokens too
+
+
+def test_a_stage_with_batch_size_warm_up_trains_with_growing_steps(data):
+    stage = dataclasses.replace(STAGE, tokens=4096, batch_tokens=1024, batch_warmup_tokens=2048,
+                                batch_warmup_min_tokens=256)
+    m = train(data, "batch_warmup", stage=stage, micro_batch_tokens=256)
+    assert m["steps"] == m["total_steps"] > 4 and not m["interrupted"]  # 4 steps without the warm-up
+    rows = [r for r in read_metrics(data["root"] / "batch_warmup" / "out") if "train/tokens" in r]
+    per_step = np.diff([0] + [r["train/tokens"] for r in rows])
+    assert per_step[0] < per_step[-1] and per_step[-1] <= 1024
 
 
 # ------------------------------------------------------------------------------------------ model

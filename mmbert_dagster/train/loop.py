@@ -37,7 +37,13 @@ from mmbert_dagster.train.metrics import MetricsLog
 from mmbert_dagster.train.model import build_model, check_shape, context_of, extend_context, load_model
 from mmbert_dagster.train.optim import build_optimizer, micro_batch_geometry
 from mmbert_dagster.train.packing import Packer
-from mmbert_dagster.train.schedule import lr_at, total_steps_for, warmup_steps_for
+from mmbert_dagster.train.schedule import (
+    accum_schedule,
+    lr_at,
+    total_steps_for,
+    warmup_steps_for,
+    warmup_steps_in,
+)
 from mmbert_dagster.train.state import RunIdentity, TrainState
 from mmbert_dagster.train.step import StepResult, masked_micro_batches, train_step
 
@@ -51,13 +57,22 @@ class Plan:
     stage: Stage
     total_steps: int
     warmup_steps: int
-    accum: int  # micro-batches per rank and optimizer step
+    accum: int  # micro-batches per rank and optimizer step (of the full batch)
     budget: int  # tokens per micro-batch, at most
+    accums: tuple[int, ...] | None = None  # per step, under a batch-size warm-up (schedule.accum_schedule)
 
     @classmethod
     def of(cls, stage: Stage, micro_batch_tokens: int, world: int) -> Plan:
         accum, budget = micro_batch_geometry(stage.batch_tokens, micro_batch_tokens, world, stage.context_length)
-        return cls(stage, total_steps_for(stage), warmup_steps_for(stage), accum, budget)
+        accums = accum_schedule(stage, accum, budget * world)
+        if accums is None:
+            return cls(stage, total_steps_for(stage), warmup_steps_for(stage), accum, budget)
+        return cls(stage, len(accums), warmup_steps_in(accums, budget * world, stage.warmup_tokens), accum, budget,
+                   tuple(accums))
+
+    def accum_at(self, step: int) -> int:
+        """Micro-batches per rank of optimizer step ``step``."""
+        return self.accum if self.accums is None else self.accums[step]
 
     def lr(self, step: int) -> float:
         s = self.stage
@@ -99,7 +114,7 @@ def run_stage(stage: Stage, shape: ModelShape, *, shards_dir: Path | str, tokeni
     stop = plan.total_steps if max_steps is None else min(plan.total_steps, max_steps)
     while state.step < stop:
         epoch, t_step, lr = packer.position.epoch, time.perf_counter(), plan.lr(state.step)
-        batches = list(masked_micro_batches(packer, plan.accum, rate=stage.mask_rate, vocab=vocab,
+        batches = list(masked_micro_batches(packer, plan.accum_at(state.step), rate=stage.mask_rate, vocab=vocab,
                                             seed_parts=(seed, stage.name, info.rank, state.step)))
         step = train_step(trained, optimizer, batches, lr=lr, grad_clip=stage.grad_clip, info=info, device=dev)
         seconds = time.perf_counter() - t_step
@@ -190,8 +205,10 @@ def summary(plan: Plan, state: TrainState, resumed: TrainState, *, heldout: floa
 
 def log_plan(plan: Plan, info: DistInfo, model, device: torch.device, metrics: MetricsLog, log) -> None:
     s = plan.stage
+    grow = (f" (batch-size warm-up over {s.batch_warmup_tokens} tokens: {plan.accums[0]} -> {plan.accum} "
+            f"micro-batches)" if plan.accums else "")
     log(f"{s.name}: {plan.total_steps} steps x {s.batch_tokens} tokens ({plan.warmup_steps} warmup, decay "
-        f"{s.lr_decay}); {info.world} rank(s) x {plan.accum} micro-batch(es) of <= {plan.budget} tokens; "
+        f"{s.lr_decay}); {info.world} rank(s) x {plan.accum} micro-batch(es) of <= {plan.budget} tokens{grow}; "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}; "
         f"metrics in {metrics.path}{' + TensorBoard' if metrics.tensorboard else ' (tensorboard not installed)'}")
 

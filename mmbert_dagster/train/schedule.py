@@ -7,6 +7,12 @@ Steps are 0-based; ``lr_at(step)`` is the rate used BY optimizer step ``step``.
 * ``decay="1-sqrt"`` / ``"linear"``: after warmup, decay over the WHOLE rest of the stage, from ``lr_peak`` at
   step ``warmup_steps`` to exactly ``lr_final`` at the last step ``total_steps - 1`` (mmBERT's decay stages are
   one long decay; ``1-sqrt``: lr = final + (peak - final) * (1 - sqrt(progress))).
+
+Batch-size warm-up (``stage.batch_warmup_tokens``, mmBERT's pre-training: 60B tokens from 48 sequences): the
+micro-batches per step (:func:`accum_schedule`) grow linearly with the tokens the stage has seen, from
+``batch_warmup_min_tokens`` to ``batch_tokens``; the steps then come from that table, not from
+``tokens // batch_tokens``. It is a pure function of the stage and the micro-batch geometry, so a resumed run
+continues the same table.
 """
 
 from __future__ import annotations
@@ -29,6 +35,35 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, lr_peak: float, lr_fin
     progress = 1.0 if decay_steps <= 0 else min(max((step - warmup_steps) / decay_steps, 0.0), 1.0)
     shape = 1.0 - math.sqrt(progress) if decay == "1-sqrt" else 1.0 - progress
     return lr_final + (lr_peak - lr_final) * shape
+
+
+def accum_schedule(stage: Stage, accum: int, tokens_per_micro_batch: int) -> list[int] | None:
+    """Micro-batches per rank of every optimizer step under batch-size warm-up, or None without one.
+
+    ``accum``: micro-batches of the full batch; ``tokens_per_micro_batch``: the nominal tokens one micro-batch of
+    every rank adds (world x budget). Step k uses ``clamp(ceil(b_k / tokens_per_micro_batch), 1, accum)`` with
+    ``b_k = min + (batch_tokens - min) * min(t_k / batch_warmup_tokens, 1)``, ``t_k`` the nominal tokens before
+    step k; steps run until the nominal tokens reach the stage's budget."""
+    if stage.batch_warmup_tokens <= 0:
+        return None
+    low = stage.batch_warmup_min_tokens or stage.context_length
+    steps, seen = [], 0
+    while seen < stage.tokens or not steps:
+        grown = low + (stage.batch_tokens - low) * min(seen / stage.batch_warmup_tokens, 1.0)
+        k = min(accum, max(1, math.ceil(grown / tokens_per_micro_batch)))
+        steps.append(k)
+        seen += k * tokens_per_micro_batch
+    return steps
+
+
+def warmup_steps_in(accums: list[int], tokens_per_micro_batch: int, warmup_tokens: int) -> int:
+    """The LR warm-up's steps under a batch-size warm-up: those before ``warmup_tokens`` nominal tokens."""
+    seen = 0
+    for i, k in enumerate(accums):
+        if seen >= warmup_tokens:
+            return i
+        seen += k * tokens_per_micro_batch
+    return len(accums)
 
 
 def total_steps_for(stage: Stage) -> int:
