@@ -97,15 +97,13 @@ def benchmark_scores(context: AssetExecutionContext, store: ArtifactStore, compu
 
     models = {k: store.require(k) for k in [*CHECKPOINTS, *MERGES]}
     tiers = mixtures.tiers_of(mixtures.read_language_stats(store.require("language_stats")))
-    tier_languages = {t: sorted(lang for lang, x in tiers.items() if x == t and lang != RECIPE.english)
-                      for t in set(tiers.values())} | {"english": [RECIPE.english]}
     with store.write("benchmark_scores") as out:
         scores = score_checkpoints(
             models, sources.read_heldout(store.require("raw_corpus")), tiers, RECIPE.eval, out,
             lineage=RECIPE.lineage(), english=RECIPE.english, seed=RECIPE.seed,
             mixtures={s: mixtures.read_mixture(store.require(mixture_key(s))) for s in RECIPE.data_stages},
             device=str(resolve_device(compute.device)),  # as training: "auto" = cuda if present
-            groups={g: keys for g, keys in RECIPE.seed_groups().items()}, tier_languages=tier_languages,
+            groups=RECIPE.seed_groups(),
             title=f"mmBERT-dagster run report — recipe `{RECIPE.name}`", log=context.log.info)
     report_path = store.path("benchmark_scores") / REPORT_FILE
     context.log.info(f"report: {report_path}")

@@ -68,6 +68,8 @@ import numpy as np
 import torch
 from transformers import ModernBertConfig, ModernBertForMaskedLM, PretrainedConfig
 
+from mmbert_dagster.train.export import CONFIG_FILE, WEIGHTS_FILE
+
 __all__ = [
     "ALLOWED_GLOBALS",
     "COMPOSER_PREFIX",
@@ -82,8 +84,6 @@ __all__ = [
     "to_flexbert_names",
 ]
 
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 
 
 class ConversionError(ValueError):

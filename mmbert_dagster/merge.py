@@ -31,11 +31,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from mmbert_dagster.data.tokenizer import TOKENIZER_FILE
+from mmbert_dagster.train.export import CONFIG_FILE, WEIGHTS_FILE
 
 # fields that must agree for a merge to make sense (shape and tokenizer); anything else may differ
 SHAPE_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads", "global_attn_every_n_layers", "local_attention")
-WEIGHTS_FILE = "model.safetensors"  # transformers' single-file weights, as every checkpoint folder holds them
 
 
 class MergeError(ValueError):
@@ -43,7 +43,7 @@ class MergeError(ValueError):
 
 
 def _config(folder: Path) -> dict:
-    path = folder / "config.json"
+    path = folder / CONFIG_FILE
     if not path.is_file():
         raise MergeError(f"{folder}: not a Hugging Face model folder (no config.json)")
     return json.loads(path.read_text())

@@ -26,10 +26,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from mmbert_dagster.train.export import CONFIG_FILE, WEIGHTS_FILE
+
 HF_PREFIX = "hf://"
 RELEASED_JSON = "released.json"
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 # what a model folder needs, and what else of it is copied (tokenizer files, the safetensors index of big models)
 NEEDED_FILES = (CONFIG_FILE, "tokenizer.json")
 COPIED_PATTERNS = ("config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",

@@ -34,11 +34,10 @@ class Scores:
 def score_checkpoints(models: Mapping[str, Path], heldout: pl.DataFrame | None, tiers: Mapping[str, str],
                       cfg: EvalConfig, out_dir: Path, *, lineage: Mapping[str, str | None],
                       mixtures: Mapping[str, pl.DataFrame], english: str, seed: int, device: str, title: str,
-                      groups: Mapping[str, list[str]] | None = None, tier_languages: Mapping[str, list[str]] | None = None,
-                      log: Callable[[str], None] = print) -> Scores:
+                      groups: Mapping[str, list[str]] | None = None, log: Callable[[str], None] = print) -> Scores:
     """Score ``models`` (checkpoint key -> HF folder, in report order) and write table and report to ``out_dir``.
-    ``groups``: an arm of the findings -> its seed replicas (``Recipe.seed_groups``; default one model each);
-    ``tier_languages``: tier -> the languages the recipe puts in it (stated in the report)."""
+    ``groups``: an arm of the findings -> its seed replicas (``Recipe.seed_groups``; default one model each).
+    ``tiers`` (lang -> tier) also gives the report how many languages each tier holds (English apart)."""
     if heldout is None:
         raise FileNotFoundError("no held-out text: the benchmarks need held-out aligned text (the corpus "
                                 "resource's heldout_path)")
@@ -46,11 +45,20 @@ def score_checkpoints(models: Mapping[str, Path], heldout: pl.DataFrame | None, 
     groups = {g: [m for m in keys if m in models] for g, keys in (groups or {m: [m] for m in models}).items()}
     report = build_report(table, checkpoints=models, lineage=lineage, mixtures=mixtures, notes=notes, title=title,
                           items=items, groups={g: keys for g, keys in groups.items() if keys}, seed=seed,
-                          tier_languages=tier_languages)
+                          tier_languages=tier_members(tiers, english))
     table.write_parquet(Path(out_dir) / SCORES_FILE)
     items.write_parquet(Path(out_dir) / ITEMS_FILE)
     write_report(report, Path(out_dir))
     return Scores(table, report, notes)
+
+
+def tier_members(tiers: Mapping[str, str], english: str) -> dict[str, list[str]]:
+    """tier -> its languages, English as a tier of its own (the corpus ranks it among the high ones)."""
+    members: dict[str, list[str]] = {"english": [english]}
+    for lang, tier in sorted(tiers.items()):
+        if lang != english:
+            members.setdefault(tier, []).append(lang)
+    return members
 
 
 def read_scores(folder: Path) -> pl.DataFrame:

@@ -19,6 +19,8 @@ from pathlib import Path
 from mmbert_dagster.artifacts import MANIFEST
 from mmbert_dagster.evaluate.fill_mask import ProbeResult, load_results, save_results
 
+CONFIG_FILE = "config.json"  # the Hugging Face files of every checkpoint folder (ours, merged, released)
+WEIGHTS_FILE = "model.safetensors"  # transformers' single-file weights
 SUMMARY_JSON = "trainer_summary.json"
 INPUTS_JSON = "inputs.json"
 FILL_MASK_JSON = "fill_mask.json"

@@ -112,9 +112,10 @@ def reusable_checkpoint(folder: Path, upstream: dict[str, Path], version: str) -
     and code version; else None (missing, incomplete, or trained from something else)."""
     try:
         verify_artifact(folder)
-        if read_inputs(folder) != checkpoint_inputs(upstream, version):
+        inputs = read_inputs(folder)
+        if inputs != checkpoint_inputs(upstream, version):
             return None
-        return CheckpointResult(read_summary(folder), read_probes(folder), read_inputs(folder))
+        return CheckpointResult(read_summary(folder), read_probes(folder), inputs)
     except (ArtifactError, OSError, ValueError):
         return None
 
