@@ -124,6 +124,7 @@ def training_metadata(key: str, result, store: ArtifactStore) -> dict:
         "mask_rate": stage.mask_rate,
         "context_length": stage.context_length,
         "rope_theta": stage.rope_theta,
+        "local_rope_theta": stage.local_rope_theta or "the initial model's",
         "loss_curve": MetadataValue.md(line_chart_md(m["losses"], f"{key}: training loss", "step", "MLM loss")),
         "fill_mask": MetadataValue.md(probes_markdown(result.probes)),
         "fill_mask_hits": result.probe_hits,

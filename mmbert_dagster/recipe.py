@@ -176,6 +176,9 @@ class Stage:
     batch_warmup_min_tokens: int = 0  # the first step's tokens (mmBERT: 48 sequences); 0 = context_length
     seed: int = 0  # 0 = the recipe's seed; another value trains the same stage with another data order and masks
     # (and init, from random) — what [replicas] sets
+    local_rope_theta: float = 0.0  # the local (sliding-window) layers' RoPE θ from this stage on; 0 = keep the
+    # model's ([model].local_rope_theta on a random init, the checkpoint's when continuing). mmBERT: 160k from
+    # the context extension on (local_attn_rotary_emb_base in configs/mmBERT-*-ext.yaml)
 
 
 @dataclass(frozen=True)
@@ -333,6 +336,8 @@ def _validate_stage(s: Stage, where: str) -> None:
     _check(0 < s.mask_rate < 1, f"{where}.mask_rate", f"must be in (0, 1), got {s.mask_rate!r}")
     _check(s.context_length >= 16, f"{where}.context_length", f"must be >= 16 tokens, got {s.context_length!r}")
     _check(s.rope_theta > 0, f"{where}.rope_theta", f"must be > 0, got {s.rope_theta!r}")
+    _check(s.local_rope_theta >= 0, f"{where}.local_rope_theta", f"must be > 0 (or 0: keep the model's), got "
+           f"{s.local_rope_theta!r}")
     _check(s.lr_peak > 0, f"{where}.lr_peak", f"must be > 0, got {s.lr_peak!r}")
     _check(0 < s.lr_final <= s.lr_peak, f"{where}.lr_final", f"must be in (0, lr_peak], got {s.lr_final!r}")
     _check(s.lr_decay in ("none", "1-sqrt", "linear"), f"{where}.lr_decay", f"must be none|1-sqrt|linear, got {s.lr_decay!r}")

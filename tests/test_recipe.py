@@ -36,6 +36,9 @@ def test_paper_presets_carry_paper_shapes():
     assert (small.model.layers, small.model.hidden, small.model.heads) == (22, 384, 6)
     assert (base.model.layers, base.model.hidden, base.model.heads) == (22, 768, 12)
     assert base.stage("pretrain").languages == 60 and base.stage("midtrain").languages == 110
+    for r in (small, base):  # the released ext/decay configs raise the local layers' θ to 160k too
+        assert r.stage("pretrain").local_rope_theta == 0.0 and r.model.local_rope_theta == 10_000.0
+        assert {r.stage(s).local_rope_theta for s in ("midtrain", "decay_eng", "decay_cont", "decay_all")} == {160_000.0}
 
 
 @pytest.mark.parametrize("tau", [0, -0.1, 1.5])

@@ -23,10 +23,10 @@ from mmbert_dagster.recipe import Stage, TokenizerConfig
 from mmbert_dagster.train.attention import ATTN_NAME
 from mmbert_dagster.train.checkpoint import CheckpointError, read_state
 from mmbert_dagster.train.inputs import TokenizerMismatch
-from mmbert_dagster.train.loop import run_stage
+from mmbert_dagster.train.loop import initial_model, run_stage
 from mmbert_dagster.train.masking import mask_batch, mask_tokens, micro_batch_generator
 from mmbert_dagster.train.metrics import read_metrics
-from mmbert_dagster.train.model import build_model, context_of, extend_context, load_model
+from mmbert_dagster.train.model import build_model, context_of, extend_context, load_model, local_rope_theta_of
 from mmbert_dagster.train.optim import micro_batch_geometry
 from mmbert_dagster.train.packing import IGNORE, DataPosition, Packer, collate, split_document
 from mmbert_dagster.train.schedule import accum_schedule, lr_at, total_steps_for, warmup_steps_for, warmup_steps_in
@@ -322,6 +322,27 @@ def test_extend_context_changes_global_rope_only_and_is_saved(tmp_path):
     cfg = loaded.config
     assert (cfg.pad_token_id, cfg.cls_token_id, cfg.sep_token_id, cfg.mask_token_id) == (0, 2, 3, 4)
     assert cfg.layer_types == ["full_attention", "sliding_attention", "sliding_attention"] and cfg.sparse_prediction
+
+
+def test_a_stage_local_rope_theta_moves_the_local_layers_and_is_saved(tmp_path):
+    """mmBERT's context extension raises the local layers' θ too (configs/mmBERT-*-ext.yaml); 0 keeps the model's."""
+    from mmbert_dagster.train.inputs import Vocabulary
+
+    torch.manual_seed(0)
+    model = build_model(SHAPE, VOCAB, SPECIALS, 128, 10_000.0)
+    model.save_pretrained(str(tmp_path))
+    vocab = Vocabulary(size=VOCAB, specials=SPECIALS)
+    mid = dataclasses.replace(STAGE, name="midtrain", context_length=256, rope_theta=160_000.0)
+    kept = initial_model(mid, SHAPE, vocab, tmp_path, seed=0, attn="auto", log=QUIET)
+    assert context_of(kept) == (256, 160_000.0) and local_rope_theta_of(kept) == SHAPE.local_rope_theta
+    moved = initial_model(dataclasses.replace(mid, local_rope_theta=160_000.0), SHAPE, vocab, tmp_path, seed=0,
+                          attn="auto", log=QUIET)
+    assert local_rope_theta_of(moved) == 160_000.0
+    assert not torch.allclose(moved.model.rotary_emb.sliding_attention_inv_freq,
+                              kept.model.rotary_emb.sliding_attention_inv_freq)
+    moved.save_pretrained(str(tmp_path / "saved"))
+    assert local_rope_theta_of(load_model(tmp_path / "saved")) == 160_000.0
+    assert torch.equal(moved.model.embeddings.tok_embeddings.weight, kept.model.embeddings.tok_embeddings.weight)
 
 
 # ------------------------------------------------------------------------------------------ the loop

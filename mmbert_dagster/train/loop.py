@@ -34,7 +34,14 @@ from mmbert_dagster.train.heldout import heldout_loss
 from mmbert_dagster.train.inputs import Vocabulary, open_inputs
 from mmbert_dagster.train.masking import stable_seed
 from mmbert_dagster.train.metrics import MetricsLog
-from mmbert_dagster.train.model import build_model, check_shape, context_of, extend_context, load_model
+from mmbert_dagster.train.model import (
+    build_model,
+    check_shape,
+    context_of,
+    extend_context,
+    load_model,
+    local_rope_theta_of,
+)
 from mmbert_dagster.train.optim import build_optimizer, micro_batch_geometry
 from mmbert_dagster.train.packing import Packer
 from mmbert_dagster.train.schedule import (
@@ -150,10 +157,11 @@ def initial_model(stage: Stage, shape: ModelShape, vocab: Vocabulary, init_from:
         check_shape(model, shape, vocab.size, init_from)
     else:
         model = build_model(shape, vocab.size, vocab.specials, stage.context_length, stage.rope_theta, attn)
-    if context_of(model) != (stage.context_length, float(stage.rope_theta)):
-        log(f"{stage.name}: context {context_of(model)} -> ({stage.context_length}, {stage.rope_theta}) "
-            f"(max positions, global RoPE θ)")
-        extend_context(model, stage.context_length, stage.rope_theta)
+    have = (*context_of(model), local_rope_theta_of(model))
+    want = (stage.context_length, float(stage.rope_theta), float(stage.local_rope_theta) or have[2])
+    if have != want:
+        log(f"{stage.name}: context {have} -> {want} (max positions, global RoPE θ, local RoPE θ)")
+        extend_context(model, stage.context_length, stage.rope_theta, stage.local_rope_theta)
     return model
 
 

@@ -3,7 +3,8 @@
 * global attention every ``shape.global_every`` layers (layers 0, n, 2n, ...), the others local with a
   ``shape.local_window``-token window (``|i - j| <= window / 2``);
 * RoPE θ per layer type: the stage's ``rope_theta`` on global layers, ``shape.local_rope_theta`` on local ones
-  (transformers 5: ``config.rope_parameters = {"full_attention": {...}, "sliding_attention": {...}}``);
+  unless the stage sets its own ``local_rope_theta`` (mmBERT raises both to 160k at the context extension;
+  transformers 5: ``config.rope_parameters = {"full_attention": {...}, "sliding_attention": {...}}``);
 * ``max_position_embeddings`` = the stage's context length;
 * special token ids set explicitly (pad / cls / sep / bos = cls / eos = sep, plus ``mask_token_id``);
 * ``sparse_prediction=True``: the MLM head runs on masked positions only when labels are given (~2x faster).
@@ -86,8 +87,10 @@ def check_shape(model: ModernBertForMaskedLM, shape: ModelShape, vocab_size: int
                          f"stage's shape and tokenizer give {want}")
 
 
-def extend_context(model: ModernBertForMaskedLM, context_length: int, rope_theta: float) -> ModernBertForMaskedLM:
-    """Mid-training context extension: new max length and global RoPE θ (local layers keep theirs), in place.
+def extend_context(model: ModernBertForMaskedLM, context_length: int, rope_theta: float,
+                   local_rope_theta: float | None = None) -> ModernBertForMaskedLM:
+    """Mid-training context extension: new max length and global RoPE θ (local layers keep theirs unless
+    ``local_rope_theta`` is given), in place.
 
     Only the config and the (non-persistent) RoPE frequency buffers change; the weights are untouched. The new
     values are in ``model.config`` and therefore in the saved ``config.json``.
@@ -95,6 +98,8 @@ def extend_context(model: ModernBertForMaskedLM, context_length: int, rope_theta
     config = model.config
     config.max_position_embeddings = int(context_length)
     config.rope_parameters["full_attention"]["rope_theta"] = float(rope_theta)
+    if local_rope_theta:
+        config.rope_parameters["sliding_attention"]["rope_theta"] = float(local_rope_theta)
     old = model.model.rotary_emb
     rotary = type(old)(config=config, device=old.full_attention_inv_freq.device)
     model.model.rotary_emb = rotary
@@ -105,3 +110,8 @@ def context_of(model: ModernBertForMaskedLM) -> tuple[int, float]:
     """(max_position_embeddings, global RoPE θ) of a model."""
     config = model.config
     return int(config.max_position_embeddings), float(config.rope_parameters["full_attention"]["rope_theta"])
+
+
+def local_rope_theta_of(model: ModernBertForMaskedLM) -> float:
+    """The local (sliding-window) layers' RoPE θ of a model."""
+    return float(model.config.rope_parameters["sliding_attention"]["rope_theta"])
