@@ -80,7 +80,9 @@ def read_mixture(folder: Path) -> pl.DataFrame:
 
 
 def stage_mixture(stats: pl.DataFrame, stage: Stage, recipe: Recipe) -> pl.DataFrame:
-    """(stage, lang, tier, tokens_available, share, tokens_target, repeat_factor, temperature_share, capped)."""
+    """(stage, lang, tier, tokens_available, share, tokens_target, repeat_factor, temperature_share, capped,
+    replay_group): ``replay_group`` is "all" without replay, else "replay" (``stage.replay_share`` of the tokens)
+    or "new"."""
     where = f"{recipe.source_file}: stages.{stage.name}"
     available = set(stats["lang"].to_list())
     top_n, languages = None, None
@@ -96,6 +98,11 @@ def stage_mixture(stats: pl.DataFrame, stage: Stage, recipe: Recipe) -> pl.DataF
         if missing:
             raise MixtureError(f"{where}.languages: language(s) {missing} have no documents in language_stats")
         languages = list(stage.languages)
+    replay = stage.replay_languages
+    if stage.replay_share > 0 and isinstance(replay, tuple):
+        missing = sorted(set(replay) - available)
+        if missing:
+            raise MixtureError(f"{where}.replay_languages: language(s) {missing} have no documents in language_stats")
     con = duckdb.connect()
     con.register("language_stats", stats.to_arrow())
     mix = _query(
@@ -105,14 +112,30 @@ def stage_mixture(stats: pl.DataFrame, stage: Stage, recipe: Recipe) -> pl.DataF
             "stage": stage.name, "tau": float(stage.tau), "budget": float(stage.tokens),
             "max_repeat": float(stage.max_repeat), "english": recipe.english,
             "english_boost": float(stage.english_boost), "top_n": top_n, "languages": languages,
+            "replay_share": float(stage.replay_share),
+            "replay_top_n": replay if isinstance(replay, int) else None,
+            "replay_languages": list(replay) if isinstance(replay, tuple) and replay else None,
         },
     )
-    if mix["share"].null_count() > 0:
-        capacity = int(stats.filter(pl.col("lang").is_in(mix["lang"].to_list()))["tokens_est"].sum() * stage.max_repeat)
-        raise MixtureError(
-            f"{where}.tokens: the budget of {stage.tokens:,} tokens cannot be met: its {mix.height} languages hold "
-            f"at most {capacity:,} tokens at max_repeat={stage.max_repeat} (raise max_repeat, add data or lower tokens)"
-        )
+    if stage.replay_share > 0:
+        groups = set(mix["replay_group"].to_list())
+        for group, why in (("replay", "none of the stage's languages is a replay language"),
+                           ("new", "every stage language is a replay language")):
+            if group not in groups:
+                raise MixtureError(f"{where}.replay_languages: {why}, so replay_share = {stage.replay_share} cannot "
+                                   f"be given to the {group!r} group")
+    for (group,), part in mix.group_by("replay_group", maintain_order=True):
+        if part["share"].null_count() > 0:
+            budget = stage.tokens * (1.0 if group == "all" else
+                                     stage.replay_share if group == "replay" else 1 - stage.replay_share)
+            capacity = int(stats.filter(pl.col("lang").is_in(part["lang"].to_list()))["tokens_est"].sum()
+                           * stage.max_repeat)
+            what = "its" if group == "all" else f"its {group!r} group's"
+            raise MixtureError(
+                f"{where}.tokens: the budget of {int(budget):,} tokens cannot be met: {what} {part.height} languages "
+                f"hold at most {capacity:,} tokens at max_repeat={stage.max_repeat} (raise max_repeat, add data or "
+                f"lower tokens{'' if group == 'all' else ' or change replay_share'})"
+            )
     return mix
 
 
@@ -131,6 +154,11 @@ def mixture_problems(mix: pl.DataFrame, stage: Stage, stats: pl.DataFrame) -> li
     missing = expected - set(mix.filter(pl.col("share") > 0)["lang"].to_list())
     if missing:
         problems.append(f"{len(missing)} stage language(s) missing or at zero share: {sorted(missing)[:10]}")
+    if stage.replay_share > 0 and "replay_group" in mix.columns:
+        replayed = float(mix.filter(pl.col("replay_group") == "replay")["share"].sum())
+        if abs(replayed - stage.replay_share) > SHARE_TOLERANCE:
+            problems.append(f"the replay languages hold {replayed:.6f} of the tokens, not replay_share = "
+                            f"{stage.replay_share}")
     over = mix.filter(pl.col("repeat_factor") > stage.max_repeat * (1 + 1e-9))
     if over.height:
         problems.append(f"repeat factor above cap {stage.max_repeat} for {over['lang'].to_list()[:10]}")

@@ -35,7 +35,7 @@ from mmbert_dagster.released import ReleasedError, is_released_ref, parse_ref
 
 PAPER_STAGES = ("pretrain", "midtrain", "decay_eng", "decay_cont", "decay_all")  # the paper's stage graph
 # the stage fields a mixture and its shards depend on (a stage with ``data_from`` must agree on all of them)
-DATA_FIELDS = ("languages", "tau", "tokens", "max_repeat", "english_boost")
+DATA_FIELDS = ("languages", "tau", "tokens", "max_repeat", "english_boost", "replay_share", "replay_languages")
 # asset keys that are not stages' (a stage's keys must not collide with them)
 OTHER_KEYS = ("raw_corpus", "filtered_corpus", "language_id_model", "language_id_table", "language_stats",
               "tokenizer", "benchmark_scores", "released_checkpoint")
@@ -145,6 +145,8 @@ class EvalConfig:
     probe_train_tier: str = "high"  # the cross-lingual probe is fitted on English + this tier, tested on the rest
     batch_tokens: int = 8192  # packed inference micro-batch
     hf_tasks: tuple[HfTask, ...] = ()  # e.g. GLUE/XNLI (need `datasets` and a network or a local copy)
+    new_languages: tuple[str, ...] = ()  # languages a released checkpoint never saw (the extend preset): scored
+    # as their own tier "new" (all of them), and the findings compare the extension with the released model there
 
 
 @dataclass(frozen=True)
@@ -176,6 +178,9 @@ class Stage:
     batch_warmup_min_tokens: int = 0  # the first step's tokens (mmBERT: 48 sequences); 0 = context_length
     seed: int = 0  # 0 = the recipe's seed; another value trains the same stage with another data order and masks
     # (and init, from random) — what [replicas] sets
+    replay_share: float = 0.0  # > 0: this share of the tokens goes to the replay languages (those the model already
+    # knows) and the rest to the other stage languages, each group τ-sampled on its own (sql/stage_mixture.sql)
+    replay_languages: int | tuple[str, ...] = ()  # the replay group: the top N languages by tokens, or codes
     local_rope_theta: float = 0.0  # the local (sliding-window) layers' RoPE θ from this stage on; 0 = keep the
     # model's ([model].local_rope_theta on a random init, the checkpoint's when continuing). mmBERT: 160k from
     # the context extension on (local_attn_rotary_emb_base in configs/mmBERT-*-ext.yaml)
@@ -260,7 +265,7 @@ class Recipe:
         groups = {key(name): [key(name)] + [key(replica_name(name, s)) for s in self.replicas.seeds]
                   for name in (*self.replicas.stages, *self.replicas.merges)}
         replicas = {k for keys in groups.values() for k in keys[1:]}
-        for k in [*map(checkpoint_key, self.stages), *self.merges]:
+        for k in [*([RELEASED_KEY] if self.released else []), *map(checkpoint_key, self.stages), *self.merges]:
             if k not in replicas:
                 groups.setdefault(k, [k])
         return groups
@@ -350,6 +355,16 @@ def _validate_stage(s: Stage, where: str) -> None:
     _check(s.batch_warmup_tokens >= 0, f"{where}.batch_warmup_tokens", f"must be >= 0, got {s.batch_warmup_tokens!r}")
     _check(0 <= s.batch_warmup_min_tokens <= s.batch_tokens, f"{where}.batch_warmup_min_tokens",
            f"must be in [0, batch_tokens = {s.batch_tokens}], got {s.batch_warmup_min_tokens!r}")
+    _check(0 <= s.replay_share < 1, f"{where}.replay_share", f"must be in [0, 1), got {s.replay_share!r}")
+    if s.replay_share > 0:
+        _check(bool(s.replay_languages), f"{where}.replay_languages",
+               "name the languages the model already knows (a count of top languages or a list of codes) when "
+               "replay_share > 0")
+    if isinstance(s.replay_languages, int):
+        _check(s.replay_languages > 0, f"{where}.replay_languages", f"must be > 0, got {s.replay_languages!r}")
+    else:
+        bad = [c for c in s.replay_languages if not LANG_CODE.match(str(c))]
+        _check(not bad, f"{where}.replay_languages", f"unknown language code(s) {bad}: use ISO 639-3 + script")
     if isinstance(s.languages, str):
         _check(s.languages == "all", f"{where}.languages", f"must be a count, 'all' or a list of codes, got {s.languages!r}")
     elif isinstance(s.languages, int):
@@ -474,12 +489,16 @@ def _build_eval(table: dict, where: str) -> EvalConfig:
         if "text_fields" in t:
             t["text_fields"] = tuple(t["text_fields"])
         tasks.append(_build(HfTask, t, f"{where}.hf_tasks[{i}]"))
+    if "new_languages" in table:
+        table["new_languages"] = tuple(table["new_languages"])
     ev = _build(EvalConfig, table, where, hf_tasks=tuple(tasks))
     _check(0 < ev.mask_rate < 1, f"{where}.mask_rate", f"must be in (0, 1), got {ev.mask_rate}")
     _check(ev.probe_train_tier in ("high", "mid", "low"), f"{where}.probe_train_tier",
            f"must be high, mid or low, got {ev.probe_train_tier!r}")
     _check(ev.max_texts_per_lang >= 1, f"{where}.max_texts_per_lang", "must be >= 1")
     _check(ev.languages_per_tier >= 1, f"{where}.languages_per_tier", "must be >= 1")
+    bad = [c for c in ev.new_languages if not LANG_CODE.match(str(c))]
+    _check(not bad, f"{where}.new_languages", f"unknown language code(s) {bad}: use ISO 639-3 + script")
     return ev
 
 

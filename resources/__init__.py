@@ -3,6 +3,7 @@ compute), with environment-based defaults chosen in one place (`default_resource
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -62,6 +63,10 @@ class CorpusSource(ConfigurableResource):
       `datasets` (needs the network; unset HF_HUB_OFFLINE). ``hf_dataset`` may be a local folder in the same layout.
     ``heldout_path``: a parquet of held-out evaluation text (doc_id, source, declared_lang, article, text) for
     non-embedded sources; the embedded source ships its own.
+    ``replay_paths``: a second, local source read after the first with the same field settings — text of the
+    languages a released checkpoint already knows, for a late decay's replay share (stage ``replay_share`` and
+    ``replay_languages``; the ``extend`` preset). With ``huggingface``, known languages can simply be more
+    ``hf_configs``.
     """
 
     kind: Literal["embedded", "local", "huggingface"] = "embedded"
@@ -76,17 +81,28 @@ class CorpusSource(ConfigurableResource):
     hf_split: str = "train"
     max_docs_per_config: int | None = None
     heldout_path: str = ""
+    replay_paths: list[str] = []
 
     def documents(self, log: Callable[[str], None], skips: sources.SkipCounter) -> Iterator[dict]:
+        main = self._main_documents(log, skips)
+        if not self.replay_paths:
+            return main
+        log(f"corpus: then the replay source {self.replay_paths}")
+        return itertools.chain(main, self._local(self.replay_paths, log, skips))
+
+    def _local(self, paths: list[str], log: Callable[[str], None], skips: sources.SkipCounter) -> Iterator[dict]:
+        return sources.iter_local_files(
+            paths, text_field=self.text_field, lang_field=self.lang_field, default_lang=self.default_lang,
+            id_field=self.id_field, on_bad_record=self.on_bad_record, skips=skips, log=log,
+        )
+
+    def _main_documents(self, log: Callable[[str], None], skips: sources.SkipCounter) -> Iterator[dict]:
         if self.kind == "embedded":
             return sources.iter_embedded(log)
         if self.kind == "local":
             if not self.paths:
                 raise sources.SourceError("corpus source 'local' needs `paths` (files, folders or globs)")
-            return sources.iter_local_files(
-                self.paths, text_field=self.text_field, lang_field=self.lang_field, default_lang=self.default_lang,
-                id_field=self.id_field, on_bad_record=self.on_bad_record, skips=skips, log=log,
-            )
+            return self._local(self.paths, log, skips)
         return sources.iter_huggingface(
             self.hf_dataset, self.hf_configs, split=self.hf_split, text_field=self.text_field,
             max_docs_per_config=self.max_docs_per_config, log=log,

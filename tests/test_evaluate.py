@@ -90,6 +90,12 @@ def test_eval_set_takes_english_and_a_capped_seeded_sample_per_tier():
     assert s.equals(eval_set(heldout, tiers, "eng_Latn", per_tier=3, seed=1))
     with pytest.raises(ValueError, match="no held-out text in eng_Latn"):
         eval_set(heldout.filter(pl.col("declared_lang") != "eng_Latn"), tiers, "eng_Latn", 3, 1)
+    new = ["l00_Latn", "l01_Latn", "l02_Latn", "l03_Latn", "zzz_Latn"]  # a released model's new languages: all kept
+    s = eval_set(heldout, tiers, "eng_Latn", per_tier=3, seed=1, new_languages=new)
+    assert sorted(s.filter(pl.col("tier") == "new")["lang"].unique()) == new
+    assert s.filter(pl.col("tier") == "low")["lang"].n_unique() == 3 and "unseen" not in set(s["tier"])
+    with pytest.raises(ValueError, match=r"new_languages \['yor_Latn'\] have no held-out text"):
+        eval_set(heldout, tiers, "eng_Latn", 3, 1, new_languages=["yor_Latn"])
 
 
 # ----------------------------------------------------------------------------------------------- encoder

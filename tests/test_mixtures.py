@@ -117,3 +117,35 @@ def test_language_stats_counts_passed_documents_and_ranks_by_measured_tokens(tmp
     assert rows["eng_Latn"] == {"lang": "eng_Latn", "docs": 2, "tokens_est": 375, "bytes": 1500, "tier": "high", "rank": 1}
     assert (rows["cmn_Hans"]["tokens_est"], rows["cmn_Hans"]["tier"]) == (300, "mid")
     assert (rows["deu_Latn"]["docs"], rows["deu_Latn"]["tokens_est"], rows["deu_Latn"]["tier"]) == (1, 75, "low")
+
+
+def test_replay_share_splits_the_budget_between_known_and_new_languages():
+    """A late decay that adds languages: replay_share of the tokens to the languages the model knows, τ-sampled
+    within each group; without replay the mixture is exactly the single-group one."""
+    st = stats({"eng_Latn": 10_000, "deu_Latn": 4_900, "amh_Ethi": 400, "zul_Latn": 100})
+    plain = stage_mixture(st, stage(languages="all", tau=0.5, tokens=2000, max_repeat=10.0), RECIPE)
+    assert set(plain["replay_group"]) == {"all"}
+    mix = stage_mixture(st, stage(languages="all", tau=0.5, tokens=2000, max_repeat=10.0, replay_share=0.25,
+                                  replay_languages=("eng_Latn", "deu_Latn")), RECIPE)
+    share = shares(mix)
+    assert share["eng_Latn"] + share["deu_Latn"] == pytest.approx(0.25)
+    assert share["eng_Latn"] / share["deu_Latn"] == pytest.approx(100 / 70)  # sqrt(10000) : sqrt(4900)
+    assert share["amh_Ethi"] / share["zul_Latn"] == pytest.approx(20 / 10)
+    assert share["amh_Ethi"] + share["zul_Latn"] == pytest.approx(0.75)
+    assert dict(zip(mix["lang"], mix["replay_group"]))["zul_Latn"] == "new"
+    top = stage_mixture(st, stage(languages="all", tau=0.5, tokens=2000, max_repeat=10.0, replay_share=0.25,
+                                  replay_languages=2), RECIPE)
+    assert shares(top) == pytest.approx(share)
+    assert mixture_problems(mix, stage(languages="all", replay_share=0.25, replay_languages=2, max_repeat=10.0), st) == []
+    assert mixture_problems(plain, stage(languages="all", replay_share=0.5, replay_languages=2, max_repeat=10.0), st)
+
+
+def test_replay_that_cannot_be_met_names_the_group_and_the_field():
+    st = stats({"eng_Latn": 10_000, "zul_Latn": 100})
+    with pytest.raises(MixtureError, match="'new' group's 1 languages hold at most 200"):  # 0.9 × 1000 > 2 × 100
+        stage_mixture(st, stage(languages="all", tokens=1000, max_repeat=2.0, replay_share=0.1,
+                                replay_languages=("eng_Latn",)), RECIPE)
+    with pytest.raises(MixtureError, match="every stage language is a replay language"):
+        stage_mixture(st, stage(languages="all", tokens=100, replay_share=0.5, replay_languages=2), RECIPE)
+    with pytest.raises(MixtureError, match=r"replay_languages: language\(s\) \['yor_Latn'\]"):
+        stage_mixture(st, stage(languages="all", tokens=100, replay_share=0.5, replay_languages=("yor_Latn",)), RECIPE)

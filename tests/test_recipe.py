@@ -135,6 +135,10 @@ def test_an_added_stage_extends_another_and_can_reuse_its_data():
     ({"data_from": "decay_all", "tau": 0.5}, "tau", "differs from stages.decay_all.tau = 0.3"),
     ({"data_from": "nowhere"}, "data_from", "must name another stage"),
     ({"extends": "nowhere"}, "extends", "unknown stage 'nowhere'"),
+    ({"replay_share": 0.3}, "replay_languages", "name the languages the model already knows"),
+    ({"replay_share": 1.0, "replay_languages": 2}, "replay_share", r"must be in \[0, 1\)"),
+    ({"replay_share": 0.3, "replay_languages": ["english"]}, "replay_languages", "unknown language code"),
+    ({"local_rope_theta": -1.0}, "local_rope_theta", "must be > 0"),
 ])
 def test_stage_graph_errors_name_the_field(change, field, message):
     d = tiny_dict()

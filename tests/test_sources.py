@@ -123,3 +123,23 @@ def test_embedded_corpus_has_the_promised_skew():
     assert corpus["doc_id"].n_unique() == corpus.height
     heldout = pl.read_parquet(sources.embedded_heldout())
     assert heldout["declared_lang"].n_unique() >= 300 and heldout.height > 0
+
+
+def test_a_replay_source_is_read_after_the_corpus_with_the_same_settings(tmp_path):
+    """extend: the new languages from `paths`, text of languages the checkpoint knows from `replay_paths`."""
+    from mmbert_dagster.resources import CorpusSource
+
+    (tmp_path / "new").mkdir()
+    (tmp_path / "known").mkdir()
+    (tmp_path / "new" / "yor.jsonl").write_text(json.dumps({"body": "Gbogbo ènìyàn ni a bí ní òmìnira.",
+                                                            "lang": "yor_Latn"}) + "\n")
+    (tmp_path / "known" / "deu.jsonl").write_text(json.dumps({"body": TEXT, "lang": "deu_Latn"}) + "\n")
+    source = CorpusSource(kind="local", paths=[str(tmp_path / "new")], replay_paths=[str(tmp_path / "known")],
+                          text_field="body", lang_field="lang")
+    docs = list(source.documents(lambda _: None, SkipCounter()))
+    assert [d["declared_lang"] for d in docs] == ["yor_Latn", "deu_Latn"]
+    assert docs[1]["text"] == TEXT
+    source = CorpusSource(kind="local", paths=[str(tmp_path / "new")], replay_paths=[str(tmp_path / "nowhere")],
+                          text_field="body", lang_field="lang")
+    with pytest.raises(SourceError, match="nowhere"):
+        list(source.documents(lambda _: None, SkipCounter()))

@@ -168,11 +168,18 @@ def test_a_recipe_continues_a_released_checkpoint_with_its_shape_and_tokenizer(g
     released = tmp_path / "released"
     shutil.copytree(graph["home"] / "e2e" / "midtrain_checkpoint", released,
                     ignore=shutil.ignore_patterns("trainer_state", "logs", "MANIFEST.json"))
+    # the languages the released model never trained on (below its mid-training set of 24) that have held-out text
+    stats = pl.read_parquet(graph["home"] / "e2e" / "language_stats" / "language_stats.parquet")
+    heldout = set(pl.read_parquet(graph["home"] / "e2e" / "raw_corpus" / "heldout.parquet")["declared_lang"])
+    new_langs = [lang for lang in stats.sort("rank").filter(pl.col("rank") > 24)["lang"] if lang in heldout][:4]
     text = (REPO / "mmbert_dagster" / "recipes" / "extend.toml").read_text()
+    replay = text[text.index("replay_languages = ["):].split("\n")[0]
     for old, new in (('name = "extend"', 'name = "e2e"'), ("tier_high = 60", "tier_high = 8"),
                      ("tier_mid = 110", "tier_mid = 24"), ("tokens = 50_000_000", "tokens = 20_000"),
                      ("context_length = 8192", "context_length = 1024"), ("batch_tokens = 65_536", "batch_tokens = 4096"),
                      ('init_from = "hf://jhu-clsp/mmBERT-base"', f'init_from = "{released}"'),
+                     (replay, "replay_languages = 8  # the released model's pre-training set"),
+                     ("new_languages = []", f"new_languages = {new_langs}"),
                      ("languages_per_tier = 24", "languages_per_tier = 4\nmax_texts_per_lang = 2")):
         assert old in text, old
         text = text.replace(old, new)
@@ -206,7 +213,17 @@ def test_a_recipe_continues_a_released_checkpoint_with_its_shape_and_tokenizer(g
     assert {"released_checkpoint", "decay_new", "decay_known", "merged_model"} <= set(scores["model"])
     ce = {(r["model"], r["tier"]): r["value"] for r in scores.filter(
         (pl.col("task") == "mlm") & (pl.col("metric") == "cross_entropy") & (pl.col("lang") == "*")).iter_rows(named=True)}
-    # the languages the released model never trained on (low: below its mid-training set) are learned ...
-    assert ce["decay_new", "low"] < ce["released_checkpoint", "low"], ce
+    # the languages the released model never trained on ([eval].new_languages) are learned ...
+    assert ce["decay_new", "new"] < ce["released_checkpoint", "new"], ce
     # ... and the merge keeps English within 0.3 nats of the released model (our margin for this tiny run)
     assert ce["merged_model", "english"] < ce["released_checkpoint", "english"] + 0.3, ce
+    mix = pl.read_parquet(root / "mixture_decay_new" / "mixture.parquet")
+    assert mix.filter(pl.col("replay_group") == "replay")["share"].sum() == pytest.approx(0.5)
+    assert set(mix.filter(pl.col("replay_group") == "replay")["lang"]) == set(stats.filter(pl.col("rank") <= 8)["lang"])
+    # the new languages are their own tier, and the findings compare released / extended / merged on it
+    assert set(scores.filter(pl.col("tier") == "new")["lang"]) >= set(new_langs) and len(new_langs) == 4
+    findings = pl.read_parquet(root / "benchmark_scores" / "findings.parquet")
+    ce_rows = {r["id"]: r for r in findings.filter(pl.col("metric") == "cross_entropy").iter_rows(named=True)}
+    assert set(ce_rows) == {"n1", "n2", "n3", "n4"}, findings
+    assert ce_rows["n1"]["delta"] > 0 and ce_rows["n1"]["low"] <= ce_rows["n1"]["delta"] <= ce_rows["n1"]["high"]
+    print(findings.select("id", "metric", "delta", "low", "high", "verdict"))

@@ -206,6 +206,30 @@ def test_findings_table_skips_missing_groups_and_is_deterministic():
     assert "No finding" in findings_markdown(table.head(0))
 
 
+def test_extension_findings_compare_with_the_released_checkpoint_on_the_new_tier():
+    """n1-n4 ([eval].new_languages): the extension learns the new languages, the merge keeps the gain and what the
+    released model knew; they appear only with a released arm and a "new" tier."""
+    off = [0.0]
+    spec = {"released_checkpoint": (0.0, off), "decay_new": ({"new": 0.1, "english": -0.03}, off),
+            "decay_known": ({"english": 0.0}, off),
+            "merged_model": ({"new": 0.07, "english": -0.002, "high": -0.001}, off)}
+    tiers = {"english": 1, "high": 6, "new": 6}
+    items, groups = make_items(spec, tiers=tiers, noise=0.004, seed=3)
+    table = findings_table(items, groups, n_boot=300, metrics=(("mlm", "accuracy"),))
+    rows = {r["id"]: r for r in table.iter_rows(named=True)}
+    assert list(rows) == ["n1", "n2", "n3", "n4"]
+    assert rows["n1"]["comparison"] == "decay_new − released_checkpoint" and rows["n1"]["tiers"] == "new"
+    assert rows["n1"]["verdict"] == rows["n2"]["verdict"] == "holds"
+    assert rows["n3"]["tiers"] == "english" and rows["n3"]["verdict"] == "holds"  # 0.002 below, margin 0.01
+    assert rows["n4"]["verdict"] == "holds" and rows["n4"]["n_langs"] == 6
+    worse, groups = make_items(spec | {"merged_model": ({"new": 0.07, "english": -0.05}, off)}, tiers=tiers,
+                               noise=0.004, seed=3)
+    assert findings_table(worse, groups, n_boot=300, metrics=(("mlm", "accuracy"),)).filter(
+        pl.col("id") == "n3")["verdict"].item() == "reversed"
+    no_new = items.filter(pl.col("tier") != "new")
+    assert findings_table(no_new, groups, n_boot=100, metrics=(("mlm", "accuracy"),)).height == 0
+
+
 def test_per_language_delta_and_its_chart():
     items, groups = _arms()
     frame = per_language_delta(items, groups, n_boot=100)

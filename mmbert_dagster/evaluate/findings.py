@@ -15,6 +15,8 @@ import polars as pl
 
 from mmbert_dagster.evaluate.stats import Term, bootstrap_contrast, contrast_estimate, per_language, verdict
 
+RELEASED = "released_checkpoint"  # the arm of a released checkpoint a recipe continues (recipe.RELEASED_KEY)
+EXTENSION = "decay_new"  # the extend preset's decay on the new languages (with a replay share)
 # The decay variants "the best single variant" is chosen from (the paper merges these three).
 DECAY_VARIANTS = ("decay_eng", "decay_cont", "decay_all")
 # b1's margin: "within ~1 point" is 0.01 for accuracy-type metrics; for cross-entropy the paper gives none, and
@@ -88,6 +90,16 @@ def _b2(ctx: Context) -> Built:
     return Built(terms, "merged_model − ½(decay_eng + decay_all)", "low")
 
 
+def _kept(tiers: tuple[str, ...]) -> Callable[[Context], Built]:
+    """merged_model − released_checkpoint on ``tiers``, with b1's margin: the extension keeps what it knew."""
+    def build(ctx: Context) -> Built:
+        margin = NEAR_BEST_NATS if ctx[3] == "cross_entropy" else NEAR_BEST_ACCURACY
+        unit = "nats, our choice" if ctx[3] == "cross_entropy" else "1 point"
+        b = _diff("merged_model", RELEASED, tiers)
+        return Built(b.terms, b.comparison, b.tiers, margin, f" (margin {margin:g}: {unit})")
+    return build
+
+
 def _e2(ctx: Context) -> Built:
     tiers = ("english", "high", "mid", "low")
     best = _best(ctx, tiers)
@@ -113,6 +125,15 @@ FINDINGS: tuple[Finding, ...] = (
             lambda ctx: _diff("merged_model", "merged_linear", ("english", "high", "mid", "low"))),
     Finding("e2", "TIES beats the best single variant", ("merged_model",), ("english", "high", "mid", "low"), _e2,
             any_of=DECAY_VARIANTS),
+    # extending a released checkpoint ([eval].new_languages = the tier "new")
+    Finding("n1", "A late decay on new languages learns them (beats the released checkpoint on them)",
+            (EXTENSION, RELEASED), ("new",), lambda ctx: _diff(EXTENSION, RELEASED, ("new",))),
+    Finding("n2", "The TIES merge with the released model keeps that gain", ("merged_model", RELEASED), ("new",),
+            lambda ctx: _diff("merged_model", RELEASED, ("new",))),
+    Finding("n3", "The merged extension keeps English within ~1 point of the released checkpoint",
+            ("merged_model", RELEASED), ("english", "new"), _kept(("english",))),
+    Finding("n4", "… and the other languages the released checkpoint knew", ("merged_model", RELEASED),
+            ("high", "new"), _kept(("high", "mid", "low"))),
 )
 
 SCHEMA = {"id": pl.String, "finding": pl.String, "task": pl.String, "metric": pl.String, "tiers": pl.String,

@@ -69,11 +69,14 @@ def _tiers_md(items: pl.DataFrame, tier_languages: Mapping[str, list[str]] | Non
              "| tier | languages in the recipe's tier | scored here | scored languages |", "|---|---|---|---|"]
     for tier in TIERS:
         langs = by_tier.get(tier, [])
+        if tier == "new" and not langs:
+            continue
         total = len(tier_languages[tier]) if tier_languages and tier in tier_languages else "–"
         lines.append(f"| {tier} | {total} | {len(langs)} | {', '.join(langs) or '–'} |")
     return lines + ["", "Tiers rank the languages by their tokens in the filtered corpus: high = the pre-training "
                         "set, mid = added in mid-training, low = only Decay-All trains on them, unseen = in no "
-                        "stage's mixture (held-out text only, so not counted in the recipe's tiers).", ""]
+                        "stage's mixture (held-out text only, so not counted in the recipe's tiers); new = "
+                        "`[eval].new_languages`, the languages a released checkpoint never saw.", ""]
 
 
 def _tier_table(table: pl.DataFrame, task: str, metric: str, models: list[str]) -> pl.DataFrame:

@@ -33,7 +33,7 @@ Besides the table, :func:`evaluate` returns the *items*: the masked-token scores
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +55,7 @@ SCHEMA = {"model": pl.String, "task": pl.String, "lang": pl.String, "tier": pl.S
           "value": pl.Float64}
 ITEM_SCHEMA = {"model": pl.String, "task": pl.String, "metric": pl.String, "lang": pl.String, "tier": pl.String,
                "article": pl.Int64, "value": pl.Float64}
-TIERS = ("english", "high", "mid", "low", "unseen")
+TIERS = ("english", "high", "mid", "low", "unseen", "new")  # "new": [eval].new_languages (a released model's)
 CHANCE = {"retrieval": 1 / 6, "topic_probe": 1 / 6}
 
 
@@ -66,8 +66,9 @@ def strip_header(text: str, max_header_chars: int = 60) -> str:
 
 
 def eval_set(heldout: pl.DataFrame, tiers: Mapping[str, str], english: str, per_tier: int,
-             seed: int) -> pl.DataFrame:
-    """(lang, tier, article, text) of the chosen languages: English + up to ``per_tier`` per tier, seeded."""
+             seed: int, new_languages: Sequence[str] = ()) -> pl.DataFrame:
+    """(lang, tier, article, text) of the chosen languages: English + up to ``per_tier`` per tier, seeded; every
+    one of ``new_languages`` (with held-out text) as the tier "new", whatever its rank in the corpus."""
     need = {"declared_lang", "article", "text"}
     if not need <= set(heldout.columns):
         raise ValueError(f"held-out table lacks {sorted(need - set(heldout.columns))}; has {heldout.columns}")
@@ -77,12 +78,16 @@ def eval_set(heldout: pl.DataFrame, tiers: Mapping[str, str], english: str, per_
     langs = sorted(set(df["lang"].to_list()))
     if english not in langs:
         raise ValueError(f"no held-out text in {english}: retrieval needs English targets")
-    tier_of = {lang: ("english" if lang == english else tiers.get(lang, "unseen")) for lang in langs}
+    missing = sorted(set(new_languages) - set(langs))
+    if missing:
+        raise ValueError(f"[eval].new_languages {missing} have no held-out text (the corpus source's heldout_path)")
+    tier_of = {lang: ("english" if lang == english else "new" if lang in new_languages else
+                      tiers.get(lang, "unseen")) for lang in langs}
     chosen = [english]
     rng = np.random.default_rng(stable_seed(seed, "eval-languages"))
     for tier in TIERS[1:]:
         pool = sorted(lang for lang in langs if tier_of[lang] == tier)
-        if len(pool) > per_tier:
+        if len(pool) > per_tier and tier != "new":
             pool = sorted(rng.choice(pool, per_tier, replace=False).tolist())
         chosen += pool
     return (df.filter(pl.col("lang").is_in(chosen))
@@ -169,7 +174,7 @@ def evaluate(models: Mapping[str, Path], heldout: pl.DataFrame, tiers: Mapping[s
     item table)."""
     from mmbert_dagster.evaluate.hf_tasks import run_hf_task
 
-    evalset = eval_set(heldout, tiers, english, cfg.languages_per_tier, seed)
+    evalset = eval_set(heldout, tiers, english, cfg.languages_per_tier, seed, cfg.new_languages)
     counts = evalset.group_by("tier").agg(pl.col("lang").n_unique()).sort("tier")
     log(f"evaluating {len(models)} model(s) on {evalset.height} held-out texts in {evalset['lang'].n_unique()} "
         f"languages ({', '.join(f'{t} {n}' for t, n in counts.iter_rows())})")
