@@ -31,6 +31,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from mmbert_dagster.evaluate.finetune import FinetuneTask, FinetuneTaskError, task_from_table
 from mmbert_dagster.released import ReleasedError, is_released_ref, parse_ref
 
 PAPER_STAGES = ("pretrain", "midtrain", "decay_eng", "decay_cont", "decay_all")  # the paper's stage graph
@@ -38,7 +39,7 @@ PAPER_STAGES = ("pretrain", "midtrain", "decay_eng", "decay_cont", "decay_all") 
 DATA_FIELDS = ("languages", "tau", "tokens", "max_repeat", "english_boost", "replay_share", "replay_languages")
 # asset keys that are not stages' (a stage's keys must not collide with them)
 OTHER_KEYS = ("raw_corpus", "filtered_corpus", "language_id_model", "language_id_table", "language_stats",
-              "tokenizer", "benchmark_scores", "released_checkpoint")
+              "tokenizer", "benchmark_scores", "released_checkpoint", "onnx_model")
 MERGED_MODEL = "merged_model"  # the asset key of the ``[merge]`` section's merge (mmBERT's final model)
 RELEASED_KEY = "released_checkpoint"  # the asset of a released checkpoint a stage continues from
 MERGE_METHODS = ("ties", "linear")
@@ -145,6 +146,13 @@ class EvalConfig:
     probe_train_tier: str = "high"  # the cross-lingual probe is fitted on English + this tier, tested on the rest
     batch_tokens: int = 8192  # packed inference micro-batch
     hf_tasks: tuple[HfTask, ...] = ()  # e.g. GLUE/XNLI (need `datasets` and a network or a local copy)
+    finetune: tuple[FinetuneTask, ...] = ()  # [[eval.finetune]]: fine-tuned tasks (evaluate/finetune.py) — the
+    # offline stand-in (no dataset) or GLUE / XNLI / WikiANN / CoNLL layouts from the hub or a local folder
+    mteb_tasks: tuple[str, ...] = ()  # MTEB task names (e.g. "SciFact", "Tatoeba"): run when online, or from a
+    # local copy under <artifact root>/.cache/mteb/tasks/<Task> (evaluate/embeddings.py); else skipped with a note
+    mteb_languages: tuple[str, ...] = ()  # keep only these languages' subsets of the MTEB tasks (empty: all)
+    onnx_batch_size: int = 8  # onnx_model: texts per padded batch of the onnxruntime-vs-PyTorch throughput ...
+    onnx_repeats: int = 3  # ... and passes over the batches per engine (timed side by side, alternating)
     new_languages: tuple[str, ...] = ()  # languages a released checkpoint never saw (the extend preset): scored
     # as their own tier "new" (all of them), and the findings compare the extension with the released model there
 
@@ -489,16 +497,29 @@ def _build_eval(table: dict, where: str) -> EvalConfig:
         if "text_fields" in t:
             t["text_fields"] = tuple(t["text_fields"])
         tasks.append(_build(HfTask, t, f"{where}.hf_tasks[{i}]"))
-    if "new_languages" in table:
-        table["new_languages"] = tuple(table["new_languages"])
+    finetune = []
+    for i, t in enumerate(table.pop("finetune", [])):
+        try:
+            finetune.append(task_from_table(t, f"{where}.finetune[{i}]"))
+        except FinetuneTaskError as e:
+            raise RecipeError(str(e)) from None
+    names = [t.name for t in finetune] + [t.name for t in tasks]
+    _check(len(set(names)) == len(names), f"{where}.finetune", f"task names must be unique, got {names}")
+    table["finetune"] = tuple(finetune)
+    for key in ("new_languages", "mteb_tasks", "mteb_languages"):
+        if key in table:
+            table[key] = tuple(table[key])
     ev = _build(EvalConfig, table, where, hf_tasks=tuple(tasks))
     _check(0 < ev.mask_rate < 1, f"{where}.mask_rate", f"must be in (0, 1), got {ev.mask_rate}")
     _check(ev.probe_train_tier in ("high", "mid", "low"), f"{where}.probe_train_tier",
            f"must be high, mid or low, got {ev.probe_train_tier!r}")
     _check(ev.max_texts_per_lang >= 1, f"{where}.max_texts_per_lang", "must be >= 1")
     _check(ev.languages_per_tier >= 1, f"{where}.languages_per_tier", "must be >= 1")
-    bad = [c for c in ev.new_languages if not LANG_CODE.match(str(c))]
-    _check(not bad, f"{where}.new_languages", f"unknown language code(s) {bad}: use ISO 639-3 + script")
+    _check(ev.onnx_batch_size >= 1, f"{where}.onnx_batch_size", "must be >= 1")
+    _check(ev.onnx_repeats >= 1, f"{where}.onnx_repeats", "must be >= 1")
+    for key in ("new_languages", "mteb_languages"):
+        bad = [c for c in getattr(ev, key) if not LANG_CODE.match(str(c))]
+        _check(not bad, f"{where}.{key}", f"unknown language code(s) {bad}: use ISO 639-3 + script")
     return ev
 
 

@@ -13,7 +13,7 @@ from graph_helpers import (  # noqa: E402
     DAGSTER, DATA_KEYS, RECIPE, REPO, TRAINING_KEYS, cli_env, copy_home, load_definitions, run_config,
 )
 
-EVERY_KEY = sorted(DATA_KEYS | TRAINING_KEYS | {"merged_model", "benchmark_scores"})
+EVERY_KEY = sorted(DATA_KEYS | TRAINING_KEYS | {"merged_model", "onnx_model", "benchmark_scores"})
 
 
 def materialization_count(instance, key: str) -> int:
@@ -25,7 +25,7 @@ def test_whole_graph_materializes_with_passing_checks(graph):
     result = graph["result"]
     assert result.success
     keys = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
-    assert keys == DATA_KEYS | TRAINING_KEYS | {"merged_model", "benchmark_scores"}
+    assert keys == DATA_KEYS | TRAINING_KEYS | {"merged_model", "onnx_model", "benchmark_scores"}
     checks = result.get_asset_check_evaluations()
     failed = [(c.asset_key.to_user_string(), c.check_name, c.metadata) for c in checks
               if not c.passed and c.severity == AssetCheckSeverity.ERROR]
@@ -56,6 +56,17 @@ def test_whole_graph_materializes_with_passing_checks(graph):
     items = pl.read_parquet(root / "benchmark_scores" / "items.parquet")  # every held-out text, per model
     assert set(items["model"]) == TRAINING_KEYS | {"merged_model"} and items["article"].n_unique() > 1
     assert (root / "benchmark_scores" / "plots" / "loss_curves.png").stat().st_size > 1000
+    # the fine-tuned stand-in: every scored language but English, mean and sd over the two seeds, per tier too
+    tuned = scores.filter(pl.col("task") == "udhr_article_standin")
+    assert set(tuned["metric"]) == {"accuracy_mean", "accuracy_sd"} and set(tuned["model"]) == set(scores["model"])
+    assert set(tuned.filter(pl.col("lang") != "*")["lang"]) == set(items["lang"]) - {"eng_Latn"}
+    assert tuned.filter(pl.col("metric") == "accuracy_sd")["value"].is_finite().all()
+    assert "## Fine-tuned: `udhr_article_standin`" in report and "**Offline stand-in**" in report
+    # the ONNX export: parity checked (blocking), its throughput in the table and the report
+    onnx = {r["metric"]: r["value"] for r in scores.filter(pl.col("task") == "onnx").iter_rows(named=True)}
+    assert onnx["max_abs_logit_diff"] <= 1e-3 and onnx["onnxruntime_tokens_per_s"] > 0 and onnx["speedup"] > 0
+    assert "## Deployment: ONNX" in report and (root / "onnx_model" / "model.onnx").is_file()
+    assert any(c.check_name == "onnx_matches_pytorch" and c.passed for c in checks)
 
 
 @pytest.mark.slow
@@ -76,14 +87,14 @@ def test_bare_cli_materializes_a_selection_from_the_repo_root(graph, tmp_path):
 
 
 @pytest.mark.slow
-def test_decay_all_plus_from_the_cli_rebuilds_exactly_the_decay_the_merge_and_the_scores(graph, tmp_path):
+def test_decay_all_plus_from_the_cli_rebuilds_exactly_the_decay_the_merge_its_onnx_and_the_scores(graph, tmp_path):
     """The README's `dagster asset materialize --select decay_all+`, run as-is from the repository root."""
     home = copy_home(graph, tmp_path / "home", EVERY_KEY)
     env = cli_env(home)
     root = home / "e2e"
     stamp = lambda key: (root / key / "MANIFEST.json").stat().st_mtime_ns  # noqa: E731
-    keys = ["decay_all", "merged_model", "benchmark_scores", "decay_eng", "decay_cont", "midtrain_checkpoint",
-            "shards_decay_all"]
+    keys = ["decay_all", "merged_model", "onnx_model", "benchmark_scores", "decay_eng", "decay_cont",
+            "midtrain_checkpoint", "shards_decay_all"]
     before = {k: stamp(k) for k in keys}
     proc = subprocess.run([DAGSTER, "asset", "materialize", "--select", "decay_all+"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -91,7 +102,7 @@ def test_decay_all_plus_from_the_cli_rebuilds_exactly_the_decay_the_merge_and_th
     assert proc.returncode == 0, out[-4000:]
     assert "RUN_SUCCESS" in out
     after = {k: stamp(k) for k in keys}
-    assert [k for k in keys if after[k] != before[k]] == ["decay_all", "merged_model", "benchmark_scores"]
+    assert [k for k in keys if after[k] != before[k]] == ["decay_all", "merged_model", "onnx_model", "benchmark_scores"]
 
 
 @pytest.mark.slow

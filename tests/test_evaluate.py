@@ -248,10 +248,14 @@ def test_nightly_eval_requests_the_scores_at_two_and_the_merge_only_when_stale()
             instance.report_runless_asset_event(AssetMaterialization(key))
         req = nightly_eval(build_schedule_context(instance, scheduled_execution_time=at_two))
         assert isinstance(req, RunRequest)
-        assert req.asset_selection == [AssetKey("merged_model"), AssetKey("benchmark_scores")]  # never merged
+        assert req.asset_selection == [AssetKey("merged_model"), AssetKey("onnx_model"),
+                                       AssetKey("benchmark_scores")]  # never merged
         instance.report_runless_asset_event(AssetMaterialization("merged_model"))
         req = nightly_eval(build_schedule_context(instance, scheduled_execution_time=at_two))
-        assert req.asset_selection == [AssetKey("benchmark_scores")]  # the merge is up to date
+        assert req.asset_selection == [AssetKey("onnx_model"), AssetKey("benchmark_scores")]  # never exported
+        instance.report_runless_asset_event(AssetMaterialization("onnx_model"))
+        req = nightly_eval(build_schedule_context(instance, scheduled_execution_time=at_two))
+        assert req.asset_selection == [AssetKey("benchmark_scores")]  # the merge and its export are up to date
         instance.report_runless_asset_event(AssetMaterialization("decay_all"))
         req = nightly_eval(build_schedule_context(instance, scheduled_execution_time=at_two))
         assert AssetKey("merged_model") in req.asset_selection  # a decay changed after the merge

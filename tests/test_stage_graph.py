@@ -39,7 +39,8 @@ def test_an_added_stage_gets_its_assets_from_the_recipe_alone(tmp_path):
     recipe = recipe_with_stage(tmp_path, MASK30)
     listed = set(asset_list(tmp_path, recipe))
     assert {"decay_all_mask30", "mixture_decay_all_mask30", "shards_decay_all_mask30"} <= listed
-    assert sorted(asset_list(tmp_path, recipe, "decay_all+")) == ["benchmark_scores", "decay_all", "merged_model"]
+    assert sorted(asset_list(tmp_path, recipe, "decay_all+")) == ["benchmark_scores", "decay_all", "merged_model",
+                                                                  "onnx_model"]
     os.environ["MMBERT_PRESET"] = str(recipe)
     try:
         defs = load_definitions()
@@ -103,7 +104,7 @@ def test_the_repro_recipe_adds_ablations_and_seeds_as_assets_from_the_recipe_alo
     # replicas and the 30 % mask decay train on their original's data: no copies of it
     assert not {"mixture_decay_all_mask30", "shards_decay_all_mask30", "shards_decay_eng_seed2"} & listed
     assert sorted(asset_list(tmp_path, "repro", "decay_all+")) == ["benchmark_scores", "decay_all", "merged_linear",
-                                                                 "merged_model"]
+                                                                 "merged_model", "onnx_model"]
     os.environ["MMBERT_PRESET"] = "repro"
     try:
         defs = load_definitions()
@@ -195,7 +196,7 @@ def test_a_recipe_continues_a_released_checkpoint_with_its_shape_and_tokenizer(g
         assert upstream(defs, "merged_model") == {"decay_new", "decay_known", "released_checkpoint"}
         keep = {"released_checkpoint", "tokenizer", "language_stats", "mixture_decay_new", "mixture_decay_known",
                 "shards_decay_new", "shards_decay_known", "decay_new", "decay_known", "merged_model",
-                "benchmark_scores"}
+                "onnx_model", "benchmark_scores"}
         selected = [a for a in defs.assets if {k.to_user_string() for k in a.keys} & keep]
         result = materialize(selected, resources=defs.resources, run_config=run_config(graph["corpus"]))
         assert result.success

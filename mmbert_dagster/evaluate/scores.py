@@ -16,7 +16,7 @@ from pathlib import Path
 import polars as pl
 
 from mmbert_dagster.evaluate.report import Report, build_report, write_report
-from mmbert_dagster.evaluate.suite import evaluate
+from mmbert_dagster.evaluate.suite import SCHEMA, evaluate
 from mmbert_dagster.recipe import EvalConfig
 
 SCORES_FILE = "scores.parquet"
@@ -31,17 +31,32 @@ class Scores:
     notes: list[str]
 
 
+def deployment_rows(model: str, report: Mapping) -> pl.DataFrame:
+    """The score-table rows of an ``onnx_model`` report (``onnx_export.deploy``): task ``onnx`` of ``model``."""
+    check, speed = report["parity"], report["throughput"]
+    values = {"max_abs_logit_diff": check["max_abs_diff"], "onnxruntime_tokens_per_s": speed["ort_tokens_per_s"],
+              "pytorch_tokens_per_s": speed["torch_tokens_per_s"], "speedup": speed["ratio"]}
+    return pl.DataFrame([{"model": model, "task": "onnx", "lang": "*", "tier": "all", "metric": k, "value": float(v)}
+                         for k, v in values.items()], schema=SCHEMA)
+
+
 def score_checkpoints(models: Mapping[str, Path], heldout: pl.DataFrame | None, tiers: Mapping[str, str],
                       cfg: EvalConfig, out_dir: Path, *, lineage: Mapping[str, str | None],
                       mixtures: Mapping[str, pl.DataFrame], english: str, seed: int, device: str, title: str,
-                      groups: Mapping[str, list[str]] | None = None, log: Callable[[str], None] = print) -> Scores:
+                      groups: Mapping[str, list[str]] | None = None, deployment: tuple[str, Mapping] | None = None,
+                      cache_dir: Path | None = None, log: Callable[[str], None] = print) -> Scores:
     """Score ``models`` (checkpoint key -> HF folder, in report order) and write table and report to ``out_dir``.
     ``groups``: an arm of the findings -> its seed replicas (``Recipe.seed_groups``; default one model each).
-    ``tiers`` (lang -> tier) also gives the report how many languages each tier holds (English apart)."""
+    ``tiers`` (lang -> tier) also gives the report how many languages each tier holds (English apart).
+    ``deployment``: (the exported model, the ``onnx_model`` report) — its parity and throughput join the table.
+    ``cache_dir``: MTEB's task data and results."""
     if heldout is None:
         raise FileNotFoundError("no held-out text: the benchmarks need held-out aligned text (the corpus "
                                 "resource's heldout_path)")
-    table, notes, items = evaluate(models, heldout, tiers, cfg, english=english, seed=seed, device=device, log=log)
+    table, notes, items = evaluate(models, heldout, tiers, cfg, english=english, seed=seed, device=device,
+                                   cache_dir=cache_dir, log=log)
+    if deployment:
+        table = pl.concat([table, deployment_rows(*deployment)])
     groups = {g: [m for m in keys if m in models] for g, keys in (groups or {m: [m] for m in models}).items()}
     report = build_report(table, checkpoints=models, lineage=lineage, mixtures=mixtures, notes=notes, title=title,
                           items=items, groups={g: keys for g, keys in groups.items() if keys}, seed=seed,

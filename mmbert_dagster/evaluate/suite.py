@@ -20,10 +20,16 @@ topic_probe        accuracy     logistic regression on frozen embeddings predict
                                 (chance 1/6) — zero-shot cross-lingual transfer, as XNLI
 encode             tokens/s     packed inference throughput while embedding (lang "*", tier "all")
 <hf task name>     accuracy     an online GLUE/XNLI-style task (``[eval].hf_tasks``), linear probe
+<finetune name>    accuracy_mean / _sd, f1_mean / _sd
+                                a fine-tuned task (``[[eval.finetune]]``, ``finetune.py``) over its seeds; the
+                                offline stand-in ``udhr_article_standin`` (chance 1/6) is tested on the
+                                languages scored here
+<MTEB task>        its main score  an MTEB task (``[eval].mteb_tasks``, ``embeddings.py``)
 =================  ===========  ============================================================================
 
 Summary rows: for every (model, task, metric) the mean over the languages of each tier (lang ``"*"``) and
-over all languages (tier ``"all"``).
+over all languages (tier ``"all"``); a fine-tuned task's are the mean over seeds of each seed's tier mean, and
+its sd over the seeds.
 
 Besides the table, :func:`evaluate` returns the *items*: the masked-token scores of every single held-out text
 (model, task, metric, lang, tier, article, value) — the units the findings' paired bootstrap resamples
@@ -56,7 +62,7 @@ SCHEMA = {"model": pl.String, "task": pl.String, "lang": pl.String, "tier": pl.S
 ITEM_SCHEMA = {"model": pl.String, "task": pl.String, "metric": pl.String, "lang": pl.String, "tier": pl.String,
                "article": pl.Int64, "value": pl.Float64}
 TIERS = ("english", "high", "mid", "low", "unseen", "new")  # "new": [eval].new_languages (a released model's)
-CHANCE = {"retrieval": 1 / 6, "topic_probe": 1 / 6}
+CHANCE = {"retrieval": 1 / 6, "topic_probe": 1 / 6, "udhr_article_standin": 1 / 6}
 
 
 def strip_header(text: str, max_header_chars: int = 60) -> str:
@@ -168,10 +174,10 @@ def score_model(name: str, enc: Encoder, evalset: pl.DataFrame, cfg: EvalConfig,
 
 
 def evaluate(models: Mapping[str, Path], heldout: pl.DataFrame, tiers: Mapping[str, str], cfg: EvalConfig, *,
-             english: str, seed: int, device: str = "cpu", log: Callable[[str], None] = print
-             ) -> tuple[pl.DataFrame, list[str], pl.DataFrame]:
+             english: str, seed: int, device: str = "cpu", cache_dir: Path | None = None,
+             log: Callable[[str], None] = print) -> tuple[pl.DataFrame, list[str], pl.DataFrame]:
     """Score every model; returns (the long table with summary rows, notes such as skipped online tasks, the
-    item table)."""
+    item table). ``cache_dir``: where MTEB keeps task data and results (``<cache_dir>/tasks``: local copies)."""
     from mmbert_dagster.evaluate.hf_tasks import run_hf_task
 
     evalset = eval_set(heldout, tiers, english, cfg.languages_per_tier, seed, cfg.new_languages)
@@ -202,7 +208,24 @@ def evaluate(models: Mapping[str, Path], heldout: pl.DataFrame, tiers: Mapping[s
         if note:
             notes.append(note)
             log(note)
+    if cfg.finetune:
+        from mmbert_dagster.evaluate.finetune import finetune_scores
+
+        scored = dict(zip(evalset["lang"].to_list(), evalset["tier"].to_list()))  # the languages scored above
+        tuned = finetune_scores(cfg.finetune, models, scored, english=english, heldout=heldout, device=device,
+                                log=log, notes=notes)  # with its own tier rows (means over seeds, and sd)
+    else:
+        tuned = pl.DataFrame(schema=SCHEMA)
+    if cfg.mteb_tasks:
+        from mmbert_dagster.evaluate.embeddings import run_mteb
+
+        for name, folder in models.items():
+            frame, skipped = run_mteb(list(cfg.mteb_tasks), folder, cache_dir=cache_dir, name=name, tiers=tiers,
+                                      english=english, device=device, languages=list(cfg.mteb_languages) or None,
+                                      log=log)
+            rows += frame.to_dicts()
+            notes += [n for n in skipped if n not in notes]
     table = pl.DataFrame(rows, schema=SCHEMA)
-    table = pl.concat([table, _summaries(table.filter(pl.col("task") != "encode"))])
+    table = pl.concat([table, _summaries(table.filter(pl.col("task") != "encode")), tuned.cast(SCHEMA)])
     return (table.sort("model", "task", "tier", "lang"), notes,
             pl.DataFrame(items, schema=ITEM_SCHEMA).sort("model", "task", "metric", "lang", "article"))
