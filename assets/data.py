@@ -54,6 +54,7 @@ def filtered_corpus(context: AssetExecutionContext, store: ArtifactStore, comput
     with store.write("filtered_corpus") as out:
         report = filtering.filter_corpus(store.require("raw_corpus"), out, RECIPE.filters,
                                          store.work_dir("filtered_corpus"), workers=compute.data_workers,
+                                         executor=compute.data_settings(),
                                          recipe_file=RECIPE.source_file, log=context.log.info)
     by_step, by_lang = filtering.drops_summary(report)
     return MaterializeResult(
@@ -64,6 +65,7 @@ def filtered_corpus(context: AssetExecutionContext, store: ArtifactStore, comput
             "bytes_in": report.bytes_in,
             "bytes_out": report.bytes_out,
             "kept_docs_share": report.docs_out / max(report.docs_in, 1),
+            "data_executor": compute.data_executor,
             "drops_by_filter": table_metadata(by_step, 40),
             "drops_by_language": table_metadata(by_lang, 30),
             "seconds_per_step": MetadataValue.json(report.seconds_per_step),

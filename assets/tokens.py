@@ -16,7 +16,7 @@ from mmbert_dagster import mixtures
 from mmbert_dagster.data import filtering, langid, shard_reader, shards, tokenizer
 from mmbert_dagster.recipe import DATA_FIELDS, RELEASED_KEY, mixture_key, shards_key
 from mmbert_dagster.render import bar_chart_md
-from mmbert_dagster.resources import ArtifactStore, ExternalModels
+from mmbert_dagster.resources import ArtifactStore, Compute, ExternalModels
 
 from ._common import RECIPE, code_version, table_metadata
 
@@ -55,13 +55,14 @@ def build_shards_asset(stage_name: str) -> AssetsDefinition:
         deps=[mixture_key(stage_name), "tokenizer", "filtered_corpus", "language_id_table"],
         code_version=code_version("seed", *(f"stages.{stage_name}.{f}" for f in DATA_FIELDS), modules=(shards,)),
     )
-    def _shards(context: AssetExecutionContext, store: ArtifactStore) -> MaterializeResult:
+    def _shards(context: AssetExecutionContext, store: ArtifactStore, compute: Compute) -> MaterializeResult:
         mixture = mixtures.read_mixture(store.require(mixture_key(stage_name)))
         with store.write(key) as out:
             info = shards.build_shards(
                 filtering.docs_files(store.require("filtered_corpus")),
                 langid.table_file(store.require("language_id_table")),
-                mixture, store.require("tokenizer"), out, seed=RECIPE.seed, log=context.log.info,
+                mixture, store.require("tokenizer"), out, seed=RECIPE.seed, executor=compute.data_settings(),
+                log=context.log.info,
             )
         per_lang = shard_reader.read_tokens_per_language(store.path(key))
         top = per_lang.head(30)

@@ -129,7 +129,18 @@ class ExternalModels(ConfigurableResource):
 class Compute(ConfigurableResource):
     """Where work runs: CPU processes for the data half; device and torchrun processes for training."""
 
-    data_workers: int = 1  # datatrove local workers
+    data_workers: int = 1  # datatrove tasks run at once (local); the number of tasks on a Ray or Slurm cluster
+    data_executor: Literal["local", "ray", "slurm"] = "local"  # where the data half's datatrove pipelines run
+    # (data/executors.py; env MMBERT_DATA_EXECUTOR): this machine, a Ray cluster, or Slurm job arrays
+    data_cpus_per_task: int = 1  # Ray and Slurm: CPUs reserved per datatrove task
+    data_mem_per_cpu_gb: float = 2.0  # Ray and Slurm: memory per CPU (GB)
+    ray_address: str = ""  # "": start Ray on this machine; "auto", "host:port", "ray://host:port": connect
+    ray_num_cpus: int = 0  # CPUs of a Ray instance started here (0: all)
+    slurm_partition: str = ""  # required for slurm
+    slurm_time: str = "01:00:00"  # time limit per array task
+    slurm_qos: str = ""
+    slurm_env_command: str = ""  # run before each task, e.g. "source /shared/venv/bin/activate" ("": this venv)
+    slurm_sbatch_args: dict[str, str] = {}  # more #SBATCH options, e.g. {"account": "proj"}
     device: str = "auto"  # auto | cpu | cuda
     nproc_per_node: int = 1  # torchrun processes per node for training assets (one per GPU)
     nnodes: int = 1  # nodes of a multi-node training run (each runs torchrun; they meet at rdzv_endpoint)
@@ -139,6 +150,16 @@ class Compute(ConfigurableResource):
     micro_batch_tokens: int = 0  # tokens per micro-batch and process; 0: the device's default (train/device.py)
     reuse_checkpoints: bool = False  # a stage whose committed checkpoint was trained from the same inputs and code
     # version is not trained again (training is deterministic); `make repro` sets it (MMBERT_REUSE_CHECKPOINTS=1)
+
+    def data_settings(self):
+        """Where the datatrove pipelines run (mmbert_dagster.data.executors.DataExecutorSettings)."""
+        from mmbert_dagster.data.executors import DataExecutorSettings
+
+        return DataExecutorSettings(
+            kind=self.data_executor, workers=self.data_workers, cpus_per_task=self.data_cpus_per_task,
+            mem_per_cpu_gb=self.data_mem_per_cpu_gb, ray_address=self.ray_address, ray_num_cpus=self.ray_num_cpus,
+            partition=self.slurm_partition, time=self.slurm_time, qos=self.slurm_qos,
+            env_command=self.slurm_env_command, sbatch_args=self.slurm_sbatch_args)
 
     def train_settings(self):
         """Where and how a training stage runs (mmbert_dagster.train.stage_run.TrainSettings)."""
@@ -151,6 +172,19 @@ class Compute(ConfigurableResource):
                              checkpoint_every=self.checkpoint_every, launcher=launcher)
 
 
+def _data_executor_from_env() -> dict:
+    """The Compute fields the MMBERT_DATA_EXECUTOR / MMBERT_RAY_* / MMBERT_SLURM_* variables set
+    (data/executors.py's table; a malformed value is an error naming the variable)."""
+    from mmbert_dagster.data.executors import settings_from_env
+
+    env = settings_from_env(workers=1)  # the worker count stays MMBERT_DATA_WORKERS' (above)
+    return {"data_executor": env.kind, "data_cpus_per_task": env.cpus_per_task,
+            "data_mem_per_cpu_gb": env.mem_per_cpu_gb, "ray_address": env.ray_address,
+            "ray_num_cpus": env.ray_num_cpus, "slurm_partition": env.partition, "slurm_time": env.time,
+            "slurm_qos": env.qos, "slurm_env_command": env.env_command,
+            "slurm_sbatch_args": {k: str(v) for k, v in env.sbatch_args.items()}}
+
+
 def default_resources() -> dict:
     """The one place where environment-based defaults are chosen (local, CI or cluster via env vars)."""
     return {
@@ -158,5 +192,6 @@ def default_resources() -> dict:
         "corpus": CorpusSource(),
         "external_models": ExternalModels(),
         "compute": Compute(data_workers=int(os.environ.get("MMBERT_DATA_WORKERS", min(4, os.cpu_count() or 1))),
-                           reuse_checkpoints=os.environ.get("MMBERT_REUSE_CHECKPOINTS", "") in ("1", "true", "yes")),
+                           reuse_checkpoints=os.environ.get("MMBERT_REUSE_CHECKPOINTS", "") in ("1", "true", "yes"),
+                           **_data_executor_from_env()),
     }

@@ -30,7 +30,11 @@ Execution. ``workers == 1`` runs every stage in this process (datatrove runs a s
 loop, so no ``__main__`` guard is needed: it works from pytest and Dagster assets). ``workers > 1`` runs the
 datatrove part in a child Python process (``python -c``), where datatrove's forkserver pool is safe. Each call uses
 a fresh folder under ``work_dir`` (datatrove silently skips tasks that a reused logging folder marks complete);
-its bulky intermediates are deleted on success, its datatrove logs kept.
+its bulky intermediates are deleted on success, its datatrove logs kept. On a cluster (``executor``: Ray or
+Slurm, ``data/executors.py``) the stages run as ``workers`` tasks there, in a folder named after the inputs and
+settings, so a rerun after a kill skips every task with a completion marker; the folder gets a fresh name when
+the run succeeds. The kept documents do not depend on the executor or the task count (the dedup keeps the
+smallest ``doc_id`` of each cluster).
 """
 
 from __future__ import annotations
@@ -315,6 +319,19 @@ def _executor(pipeline, logging_dir: Path, tasks: int, workers: int) -> LocalPip
                                  skip_completed=False)
 
 
+def _execute(pipeline, logging_dir: Path, tasks: int, workers: int, spec: dict, name: str,
+             log: Callable[[str], None]) -> None:
+    """One datatrove stage: this machine's executor, or the cluster's (``spec["executor"]``: Ray or Slurm,
+    ``data/executors.py``, which resumes from the completion markers in ``logging_dir`` and names failed tasks)."""
+    if not spec.get("executor"):
+        _executor(pipeline, logging_dir, tasks, workers).run()
+        return
+    from mmbert_dagster.data.executors import DataExecutorSettings, run_pipeline
+
+    run_pipeline(pipeline, DataExecutorSettings(**spec["executor"]), tasks=tasks, logging_dir=logging_dir,
+                 name=f"filter-{name}", log=log)
+
+
 def _stage_stats(logging_dir: Path) -> list[dict]:
     path = logging_dir / "stats.json"
     return json.loads(path.read_text()) if path.is_file() else []
@@ -357,7 +374,7 @@ def _run_datatrove(spec: dict, log: Callable[[str], None]) -> dict[str, float]:
                                                     language=WORD_TOKENIZER),
     }
     t0 = time.perf_counter()
-    _executor(list(steps.values()), run / "logs" / "filter", tasks, workers).run()
+    _execute(list(steps.values()), run / "logs" / "filter", tasks, workers, spec, "quality", log)
     wall = time.perf_counter() - t0
     stats = _stage_stats(run / "logs" / "filter")
     if stats:
@@ -393,7 +410,7 @@ def _run_datatrove(spec: dict, log: Callable[[str], None]) -> dict[str, float]:
             for rank in range(tasks):
                 for suffix in ("remove", "clusters"):
                     (run / "minhash" / "remove" / f"{rank:06d}.{suffix}").touch(exist_ok=True)
-        _executor(pipeline, run / "logs" / name, n_tasks, n_workers).run()
+        _execute(pipeline, run / "logs" / name, n_tasks, n_workers, spec, name.replace("_", "-"), log)
         seconds[name] = round(time.perf_counter() - t0, 3)
         stats = _stage_stats(run / "logs" / name)
         if name == "minhash_filter" and len(stats) > 1:
@@ -449,6 +466,14 @@ def _read_folder(folder: Path, schema: dict) -> pl.DataFrame:
     return pl.read_parquet(files) if files else pl.DataFrame(schema=schema)
 
 
+def _resumable_run_dir(work_dir: Path, files: list[Path], cfg: FilterConfig, workers: int, executor) -> Path:
+    """The work folder of a cluster run: named after its inputs (paths, sizes, mtimes), settings and task count,
+    so that re-materializing after a kill finds the completion markers of the tasks that finished."""
+    key = json.dumps({"inputs": [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files],
+                      "cfg": dataclasses.asdict(cfg), "tasks": workers, "kind": executor.kind}, sort_keys=True)
+    return work_dir / f"run-{executor.kind}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
 def run_filters(
     input_files: list[Path],
     out_dir: Path,
@@ -456,6 +481,7 @@ def run_filters(
     work_dir: Path,
     *,
     workers: int = 1,
+    executor=None,
     log: Callable[[str], None] = print,
 ) -> FilterReport:
     """Filter and deduplicate the documents of ``input_files`` into ``out_dir`` (see the module docstring).
@@ -464,6 +490,8 @@ def run_filters(
     ``out_dir``: an existing (empty) folder; receives ``docs.parquet``, ``drops.parquet``, ``drop_counts.parquet``.
     ``work_dir``: scratch space; each call works in a fresh sub-folder of it.
     ``workers``: datatrove tasks run in parallel (>1 runs datatrove in a child process).
+    ``executor``: ``data.executors.DataExecutorSettings`` of a Ray or Slurm cluster (None / ``local``: this
+    machine); ``workers`` is then the number of tasks, and a rerun after a kill runs only the unfinished ones.
 
     Empty input (no files, or files without rows) is not an error: the outputs are written with zero rows and
     ``docs_out == 0``. Missing columns, missing files, null or repeated ``doc_id`` raise ``ValueError`` /
@@ -474,12 +502,22 @@ def run_filters(
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     _check_inputs(files)
-    run = work_dir / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
-    run.mkdir(parents=True)
-    spec = {"inputs": [str(f) for f in files], "run_dir": str(run), "cfg": dataclasses.asdict(cfg), "workers": workers}
-    log(f"filter: {len(files)} input file(s), {workers} worker(s), work folder {run}")
+    cluster = executor is not None and executor.kind != "local"
+    fresh = work_dir / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    run = _resumable_run_dir(work_dir, files, cfg, workers, executor) if cluster else fresh
+    resumed = run.exists()
+    run.mkdir(parents=True, exist_ok=True)
+    spec = {"inputs": [str(f) for f in files], "run_dir": str(run), "cfg": dataclasses.asdict(cfg), "workers": workers,
+            "executor": dataclasses.asdict(executor) if cluster else None}
+    where = f"{executor.kind}, {workers} task(s)" if cluster else f"{workers} worker(s)"
+    log(f"filter: {len(files)} input file(s), {where}, work folder {run}" + (" (resuming)" if resumed else ""))
 
-    seconds = _run_datatrove(spec, log) if workers == 1 else _run_in_subprocess(spec, log)
+    if cluster:
+        seconds = _run_datatrove(spec, log)
+        run.rename(fresh)  # done: a later run on the same inputs starts afresh (the logs stay in `fresh`)
+        run = fresh
+    else:
+        seconds = _run_datatrove(spec, log) if workers == 1 else _run_in_subprocess(spec, log)
 
     t0 = time.perf_counter()
     if files:
@@ -570,12 +608,13 @@ DOCS_FILE = "docs.parquet"  # in filtered_corpus: the kept documents (doc_id, so
 
 
 def filter_corpus(raw_corpus_dir: Path, out_dir: Path, cfg: FilterConfig, work_dir: Path, *, workers: int = 1,
-                  recipe_file: str = "recipe", log: Callable[[str], None] = print) -> FilterReport:
+                  executor=None, recipe_file: str = "recipe", log: Callable[[str], None] = print) -> FilterReport:
     """The filtered_corpus artifact: :func:`run_filters` on a raw_corpus artifact's documents, refused with a
     ``FilterError`` naming filter and settings when it keeps nothing (before the caller commits the folder)."""
     from mmbert_dagster.data.sources import raw_docs_files
 
-    report = run_filters(raw_docs_files(raw_corpus_dir), out_dir, cfg, work_dir, workers=workers, log=log)
+    report = run_filters(raw_docs_files(raw_corpus_dir), out_dir, cfg, work_dir, workers=workers, executor=executor,
+                         log=log)
     problem = why_nothing_kept(report, cfg, recipe_file)
     if problem:
         raise FilterError(problem)

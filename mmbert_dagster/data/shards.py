@@ -184,14 +184,12 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _run_datatrove_job(job_path: str) -> None:
-    """Child-process entry point: read the parts, tokenize them with datatrove (see module docstring)."""
-    from datatrove.executor import LocalPipelineExecutor
+def _tokenize_pipeline(job: dict) -> list:
+    """datatrove's reader of our ordered parts + its DocumentTokenizer (see the module docstring)."""
     from datatrove.pipeline.readers import ParquetReader
 
     DocumentTokenizer = _literal_specials_document_tokenizer()
-    job = json.loads(Path(job_path).read_text())
-    pipeline = [
+    return [
         ParquetReader(job["parts_dir"], glob_pattern="part-*.parquet", text_key="text", id_key="id",
                       read_metadata=False),
         DocumentTokenizer(
@@ -205,8 +203,16 @@ def _run_datatrove_job(job_path: str) -> None:
             batch_size=10_000,  # datatrove's default; batches of 1000 tokenize ~1.7x slower
         ),
     ]
+
+
+def _run_datatrove_job(job_path: str) -> None:
+    """Child-process entry point: read the parts, tokenize them with datatrove on this machine."""
+    from datatrove.executor import LocalPipelineExecutor
+
+    job = json.loads(Path(job_path).read_text())
     LocalPipelineExecutor(
-        pipeline, tasks=job["tasks"], workers=job["workers"], logging_dir=job["logging_dir"], skip_completed=False
+        _tokenize_pipeline(job), tasks=job["tasks"], workers=job["workers"], logging_dir=job["logging_dir"],
+        skip_completed=False,
     ).run()
 
 
@@ -266,6 +272,7 @@ def build_shards(
     *,
     seed: int,
     max_tokens_per_file: int = 50_000_000,
+    executor=None,
     log=print,
 ) -> dict:
     """Sample one stage's documents by its mixture, tokenize them with datatrove and write shards to ``out_dir``.
@@ -275,6 +282,8 @@ def build_shards(
     count; ``mixture``: one stage's rows with ``stage, lang, repeat_factor`` (+ ``tokens_target``...).
     ``out_dir`` must exist and be empty; it receives the ``.ds``/``.ds.index``/``.ds.metadata`` files,
     ``documents.parquet``, ``tokens_per_language.parquet`` and ``shards.json``. Returns metadata.
+    ``executor``: ``data.executors.DataExecutorSettings`` of a Ray or Slurm cluster for the tokenization (one
+    task per output file); None / ``local``: a child process on this machine.
     """
     import polars as pl
     from mmbert_dagster.data.tokenizer import special_token_ids
@@ -331,7 +340,13 @@ def build_shards(
         job_path = scratch / "job.json"
         job_path.write_text(json.dumps(job, indent=1))
         t_tok = time.perf_counter()
-        _run_child(job_path, log)
+        if executor is not None and executor.kind != "local":
+            from mmbert_dagster.data.executors import run_pipeline
+
+            run_pipeline(_tokenize_pipeline(job), executor, tasks=job["tasks"], logging_dir=job["logging_dir"],
+                         name=f"shards-{stage.replace('_', '-')}", log=log)
+        else:
+            _run_child(job_path, log)
         tokenize_seconds = time.perf_counter() - t_tok
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
