@@ -6,6 +6,7 @@ another's)."""
 import polars as pl
 from dagster import (
     AssetCheckResult,
+    AssetCheckSeverity,
     AssetExecutionContext,
     AssetKey,
     AssetsDefinition,
@@ -86,6 +87,11 @@ def build_english_order_check():
     @asset_check(asset=AssetKey(keys[-1]), additional_deps=[AssetKey(k) for k in keys[:-1]],
                  description="English share ordered Decay-Eng > Decay-Cont > Decay-All (paper: 17.9 %, 13.2 %, 10.2 %)")
     def english_share_ordering(store: ArtifactStore) -> AssetCheckResult:
+        missing = [k for k in keys if not store.path(k).is_dir()]
+        if missing:  # e.g. `--select '*shards_decay_all'`: the other decays' mixtures are not built yet
+            return AssetCheckResult(passed=False, severity=AssetCheckSeverity.WARN,
+                                    description=f"not compared: {', '.join(missing)} not materialized yet",
+                                    metadata={"missing": ", ".join(missing)})
         shares = [mixtures.english_share(mixtures.read_mixture(store.require(k)), RECIPE.english) for k in keys]
         return AssetCheckResult(passed=shares[0] > shares[1] > shares[2],
                                 metadata={f"english_share_{s}": v for s, v in zip(ENGLISH_ORDER, shares)})
