@@ -101,12 +101,15 @@ def language_id_model(
 
 
 @asset(group_name="data", deps=[filtered_corpus, language_id_model], code_version=code_version("lid", modules=(langid,)))
-def language_id_table(context: AssetExecutionContext, store: ArtifactStore) -> MaterializeResult:
+def language_id_table(context: AssetExecutionContext, store: ArtifactStore, compute: Compute) -> MaterializeResult:
     """Per-document language, score, its language's threshold and whether it passed (labels only, drops nothing)."""
     docs = sources.read_docs(store.require("filtered_corpus"), ["doc_id", "source", "declared_lang", "text"])
     with store.write("language_id_table") as out:
         summary = langid.build_table(store.require("language_id_model"), docs, out, log=context.log.info,
-                                     warn=context.log.warning)
+                                     warn=context.log.warning,
+                                     docs_files=filtering.docs_files(store.require("filtered_corpus")),
+                                     executor=compute.data_settings(), work_dir=store.work_dir("language_id_table"),
+                                     tasks=compute.data_workers)
     return MaterializeResult(
         metadata={
             "path": MetadataValue.path(str(langid.table_file(store.path("language_id_table")))),

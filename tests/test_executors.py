@@ -385,6 +385,32 @@ def test_shards_tokenized_on_ray_equal_the_local_ones(embedded_local, ray_settin
             assert (out["local"] / name).read_bytes() == (out["ray"] / name).read_bytes(), name
 
 
+@pytest.mark.timeout(300)
+def test_language_id_labels_on_ray_equal_the_local_ones(embedded_local, ray_settings, tmp_path):
+    """language_id_table on the cluster: the same labels, scores, thresholds and verdicts per document."""
+    from mmbert_dagster.data import langid
+    from mmbert_dagster.recipe import LanguageIdConfig
+
+    files, _, _ = embedded_local
+    settings, _ = ray_settings
+    docs_file = files[0].parent.parent / "local" / "docs.parquet"
+    docs = pl.scan_parquet(docs_file)
+    cfg = LanguageIdConfig(epochs=5, dim=16, buckets=20_000)
+    (tmp_path / "model").mkdir()
+    langid.build_model(docs, tmp_path / "model", cfg, seed=1, log=lambda _: None, warn=lambda _: None)
+    tables = {}
+    for kind, executor in (("local", None), ("ray", settings)):
+        (tmp_path / kind).mkdir()
+        lines = []
+        langid.build_table(tmp_path / "model", docs, tmp_path / kind, log=lines.append, warn=lambda _: None,
+                           docs_files=[docs_file], executor=executor, work_dir=tmp_path / "work", tasks=2)
+        tables[kind] = pl.read_parquet(langid.table_file(tmp_path / kind))
+        if kind == "ray":
+            assert any("language-id: task" in ln and " done, " in ln for ln in lines), lines
+    assert tables["local"].height == pl.read_parquet(docs_file).height
+    assert tables["ray"].equals(tables["local"])
+
+
 @pytest.mark.timeout(180)
 def test_ray_failure_names_rank_and_log(corpus, ray_settings, tmp_path):
     settings, _ = ray_settings

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+from datatrove.pipeline.base import PipelineStep
 
 from mmbert_dagster.child import ChildProcessFailed, python_command, run_child
 from mmbert_dagster.recipe import LanguageIdConfig
@@ -336,13 +337,88 @@ def read_model(folder: Path):
     return load_model(Path(folder) / MODEL_FILE), pl.read_parquet(Path(folder) / THRESHOLDS_FILE)
 
 
+class LabelStep(PipelineStep):
+    """datatrove step of a cluster run: label this task's documents (``filtering.ParquetInput`` deals them by row)
+    with the fastText model and write ``<labels_dir>/<rank:05d>.parquet`` (doc_id, source, declared_lang, lang,
+    lid_score; a rerun task overwrites it). Yields nothing."""
+
+    name = "language_id"
+    type = "🏷 - LABELLER"
+
+    def __init__(self, model_file: str, labels_dir: str, batch: int = 5000):
+        super().__init__()
+        self.model_file, self.labels_dir, self.batch = model_file, labels_dir, batch
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        model = load_model(self.model_file)
+        parts, pending = [], []
+
+        def flush() -> None:
+            langs, scores = predict(model, [d.text for d in pending])
+            parts.append(pl.DataFrame({
+                "doc_id": [d.id for d in pending], "source": [d.metadata["source"] for d in pending],
+                "declared_lang": [d.metadata["declared_lang"] for d in pending],
+                "lang": pl.Series(langs, dtype=pl.String), "lid_score": pl.Series(scores, dtype=pl.Float32)},
+                schema_overrides={"declared_lang": pl.String, "source": pl.String}))
+            self.stat_update("documents", value=len(pending))
+            pending.clear()
+
+        for doc in data or ():
+            pending.append(doc)
+            if len(pending) >= self.batch:
+                flush()
+        if pending:
+            flush()
+        frame = pl.concat(parts) if parts else pl.DataFrame(schema=_LABEL_SCHEMA)
+        Path(self.labels_dir).mkdir(parents=True, exist_ok=True)
+        frame.write_parquet(Path(self.labels_dir) / f"{rank:05d}.parquet")
+        return iter(())
+
+
+_LABEL_SCHEMA = {"doc_id": pl.String, "source": pl.String, "declared_lang": pl.String, "lang": pl.String,
+                 "lid_score": pl.Float32}
+
+
+def _label_on_cluster(model_dir: Path, docs_files: list[Path], thresholds: pl.DataFrame, work_dir: Path, executor,
+                      tasks: int, log: Callable[[str], None]) -> pl.DataFrame:
+    """The labels of :func:`label_documents`, computed as ``tasks`` datatrove tasks on ``executor``'s cluster, in
+    a work folder named after the model and the inputs (a rerun after a kill runs only the missing tasks)."""
+    from mmbert_dagster.data.executors import run_pipeline
+    from mmbert_dagster.data.filtering import ParquetInput
+
+    key = json.dumps({"model": hashlib.sha256((Path(model_dir) / MODEL_FILE).read_bytes()).hexdigest(),
+                      "inputs": [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in docs_files],
+                      "tasks": tasks, "kind": executor.kind}, sort_keys=True)
+    run = Path(work_dir) / f"run-{executor.kind}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    pipeline = [ParquetInput([str(f) for f in docs_files]),
+                LabelStep(str(Path(model_dir) / MODEL_FILE), str(run / "labels"))]
+    run_pipeline(pipeline, executor, tasks=tasks, logging_dir=run / "logs", name="language-id", log=log)
+    th = dict(zip(thresholds["lang"].to_list(), thresholds["threshold"].to_list()))
+    default = min(th.values()) if th else 0.5
+    labels = pl.read_parquet(sorted((run / "labels").glob("*.parquet")))
+    if labels.height == 0:
+        raise LanguageIdError("no documents to label")
+    table = labels.with_columns(
+        threshold=pl.col("lang").replace_strict(th, default=default, return_dtype=pl.Float32)
+    ).with_columns(passed=pl.col("lid_score") >= pl.col("threshold"))
+    run.rename(run.with_name(f"{run.name}-done-{time.strftime('%Y%m%d-%H%M%S')}"))  # a later run starts afresh
+    return table.sort("doc_id")
+
+
 def build_table(model_dir: Path, docs: pl.LazyFrame, out_dir: Path, *, log: Callable[[str], None] = print,
-                warn: Callable[[str], None] = print) -> dict:
+                warn: Callable[[str], None] = print, docs_files: list[Path] | None = None, executor=None,
+                work_dir: Path | None = None, tasks: int = 1) -> dict:
     """The language_id_table artifact in ``out_dir``: every document of ``docs`` (doc_id, source, declared_lang,
     text) labelled with the model of ``model_dir``; streamed in batches. Returns the agreement summary
-    (+ ``table`` and ``per_lang`` frames for metadata)."""
+    (+ ``table`` and ``per_lang`` frames for metadata). On a cluster (``executor``: Ray or Slurm settings,
+    ``data/executors.py``) the documents of ``docs_files`` are labelled there as ``tasks`` datatrove tasks, with
+    ``work_dir`` for their folders; the table is the same."""
     model, thresholds = read_model(model_dir)
-    table = label_documents(model, thresholds, docs.collect_batches(chunk_size=5000), log=log)
+    if executor is not None and executor.kind != "local":
+        table = _label_on_cluster(Path(model_dir), [Path(f) for f in docs_files], thresholds, Path(work_dir),
+                                  executor, tasks, log)
+    else:
+        table = label_documents(model, thresholds, docs.collect_batches(chunk_size=5000), log=log)
     summary, per_lang = agreement(table, set(model_labels(model)))
     if summary["declared_languages_unknown_to_model"]:
         warn(f"{summary['docs_with_declared_language_unknown_to_model']} documents declare languages the model does "
