@@ -136,7 +136,8 @@ def test_make_repro_on_the_test_budget_writes_the_findings_table(graph, tmp_path
     merges = 'merges = ["merged_model", "merged_linear"]'
     assert stages in sections and merges in sections
     recipe.write_text(sections.replace('include = "tiny"', f'include = "{RECIPE}"').replace("seeds = [2, 3]", "seeds = [2]")
-                      .replace(stages, 'stages = ["decay_all", "decay_all_mask30"]').replace(merges, "merges = []"))
+                      .replace(stages, 'stages = ["decay_all", "decay_all_mask30"]').replace(merges, "merges = []")
+                      + "\n[eval]\nfinetune = []  # the fine-tuning stand-in: tested by the whole-graph test\n")
     config = tmp_path / "run.yaml"
     config.write_text(json.dumps(run_config(graph["corpus"])))
     before = (home / "e2e" / "decay_all" / "model.safetensors").stat().st_mtime_ns
