@@ -51,6 +51,7 @@ array task's stdout/stderr).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -58,6 +59,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -376,6 +378,25 @@ def make_executor(pipeline: list, settings: DataExecutorSettings, *, tasks: int,
         env_command=_env_command(settings), sbatch_args=sbatch_args, max_array_size=settings.max_array_size,
         job_id_retriever=_JobIds(), slurm_logs_folder=str(Path(logging_dir, "slurm_logs")),
     )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Work folders that survive a kill
+
+def resumable_run_dir(work_dir: str | os.PathLike, kind: str, inputs: list[Path], **settings) -> Path:
+    """The work folder of a cluster run, named after its input files (paths, sizes, mtimes), ``kind`` and
+    ``settings`` (JSON-able): re-materializing after a kill finds the completion markers of the finished tasks."""
+    key = json.dumps({"inputs": [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in map(Path, inputs)],
+                      "kind": kind, **settings}, sort_keys=True)
+    return Path(work_dir) / f"run-{kind}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def retire_run_dir(run: Path) -> Path:
+    """Rename a finished :func:`resumable_run_dir` (its logs stay) so that a later run on the same inputs starts
+    afresh instead of finding every task complete; returns the new path."""
+    done = run.with_name(f"done-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}-{run.name}")
+    run.rename(done)
+    return done
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -466,14 +466,6 @@ def _read_folder(folder: Path, schema: dict) -> pl.DataFrame:
     return pl.read_parquet(files) if files else pl.DataFrame(schema=schema)
 
 
-def _resumable_run_dir(work_dir: Path, files: list[Path], cfg: FilterConfig, workers: int, executor) -> Path:
-    """The work folder of a cluster run: named after its inputs (paths, sizes, mtimes), settings and task count,
-    so that re-materializing after a kill finds the completion markers of the tasks that finished."""
-    key = json.dumps({"inputs": [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files],
-                      "cfg": dataclasses.asdict(cfg), "tasks": workers, "kind": executor.kind}, sort_keys=True)
-    return work_dir / f"run-{executor.kind}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-
-
 def run_filters(
     input_files: list[Path],
     out_dir: Path,
@@ -503,8 +495,12 @@ def run_filters(
         raise ValueError(f"workers must be >= 1, got {workers}")
     _check_inputs(files)
     cluster = executor is not None and executor.kind != "local"
-    fresh = work_dir / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
-    run = _resumable_run_dir(work_dir, files, cfg, workers, executor) if cluster else fresh
+    if cluster:
+        from mmbert_dagster.data.executors import resumable_run_dir, retire_run_dir
+
+        run = resumable_run_dir(work_dir, executor.kind, files, cfg=dataclasses.asdict(cfg), tasks=workers)
+    else:
+        run = work_dir / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
     resumed = run.exists()
     run.mkdir(parents=True, exist_ok=True)
     spec = {"inputs": [str(f) for f in files], "run_dir": str(run), "cfg": dataclasses.asdict(cfg), "workers": workers,
@@ -514,8 +510,7 @@ def run_filters(
 
     if cluster:
         seconds = _run_datatrove(spec, log)
-        run.rename(fresh)  # done: a later run on the same inputs starts afresh (the logs stay in `fresh`)
-        run = fresh
+        run = retire_run_dir(run)
     else:
         seconds = _run_datatrove(spec, log) if workers == 1 else _run_in_subprocess(spec, log)
 

@@ -383,13 +383,11 @@ def _label_on_cluster(model_dir: Path, docs_files: list[Path], thresholds: pl.Da
                       tasks: int, log: Callable[[str], None]) -> pl.DataFrame:
     """The labels of :func:`label_documents`, computed as ``tasks`` datatrove tasks on ``executor``'s cluster, in
     a work folder named after the model and the inputs (a rerun after a kill runs only the missing tasks)."""
-    from mmbert_dagster.data.executors import run_pipeline
+    from mmbert_dagster.data.executors import resumable_run_dir, retire_run_dir, run_pipeline
     from mmbert_dagster.data.filtering import ParquetInput
 
-    key = json.dumps({"model": hashlib.sha256((Path(model_dir) / MODEL_FILE).read_bytes()).hexdigest(),
-                      "inputs": [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in docs_files],
-                      "tasks": tasks, "kind": executor.kind}, sort_keys=True)
-    run = Path(work_dir) / f"run-{executor.kind}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    run = resumable_run_dir(work_dir, executor.kind, docs_files, tasks=tasks,
+                            model=hashlib.sha256((Path(model_dir) / MODEL_FILE).read_bytes()).hexdigest())
     pipeline = [ParquetInput([str(f) for f in docs_files]),
                 LabelStep(str(Path(model_dir) / MODEL_FILE), str(run / "labels"))]
     run_pipeline(pipeline, executor, tasks=tasks, logging_dir=run / "logs", name="language-id", log=log)
@@ -401,7 +399,7 @@ def _label_on_cluster(model_dir: Path, docs_files: list[Path], thresholds: pl.Da
     table = labels.with_columns(
         threshold=pl.col("lang").replace_strict(th, default=default, return_dtype=pl.Float32)
     ).with_columns(passed=pl.col("lid_score") >= pl.col("threshold"))
-    run.rename(run.with_name(f"{run.name}-done-{time.strftime('%Y%m%d-%H%M%S')}"))  # a later run starts afresh
+    retire_run_dir(run)
     return table.sort("doc_id")
 
 
