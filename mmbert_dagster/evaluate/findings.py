@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import polars as pl
 
 from mmbert_dagster.evaluate.stats import Term, bootstrap_contrast, contrast_estimate, per_language, verdict
+from mmbert_dagster.recipe import RELEASED_KEY
 
-RELEASED = "released_checkpoint"  # the arm of a released checkpoint a recipe continues (recipe.RELEASED_KEY)
+RELEASED = RELEASED_KEY  # the arm of a released checkpoint a recipe continues
 EXTENSION = "decay_new"  # the extend preset's decay on the new languages (with a replay share)
 # The decay variants "the best single variant" is chosen from (the paper merges these three).
 DECAY_VARIANTS = ("decay_eng", "decay_cont", "decay_all")
@@ -75,13 +76,18 @@ def _a_control(ctx: Context) -> Built:
     return Built(terms, "decay_all − decay_eng", "low − unseen")
 
 
+def _near(metric: str) -> tuple[float, str]:
+    """The "within about one point" margin for ``metric`` and the note saying so."""
+    margin = NEAR_BEST_NATS if metric == "cross_entropy" else NEAR_BEST_ACCURACY
+    unit = "nats, our choice" if metric == "cross_entropy" else "1 point"
+    return margin, f" (margin {margin:g}: {unit})"
+
+
 def _b1(ctx: Context) -> Built:
     tiers = ("english",)
     best = _best(ctx, tiers)
-    margin = NEAR_BEST_NATS if ctx[3] == "cross_entropy" else NEAR_BEST_ACCURACY
-    unit = "nats, our choice" if ctx[3] == "cross_entropy" else "1 point"
     b = _diff("merged_model", best, tiers)
-    return Built(b.terms, f"merged_model − {best} (best)", b.tiers, margin, f" (margin {margin:g}: {unit})")
+    return Built(b.terms, f"merged_model − {best} (best)", b.tiers, *_near(ctx[3]))
 
 
 def _b2(ctx: Context) -> Built:
@@ -93,10 +99,8 @@ def _b2(ctx: Context) -> Built:
 def _kept(tiers: tuple[str, ...]) -> Callable[[Context], Built]:
     """merged_model − released_checkpoint on ``tiers``, with b1's margin: the extension keeps what it knew."""
     def build(ctx: Context) -> Built:
-        margin = NEAR_BEST_NATS if ctx[3] == "cross_entropy" else NEAR_BEST_ACCURACY
-        unit = "nats, our choice" if ctx[3] == "cross_entropy" else "1 point"
         b = _diff("merged_model", RELEASED, tiers)
-        return Built(b.terms, b.comparison, b.tiers, margin, f" (margin {margin:g}: {unit})")
+        return Built(b.terms, b.comparison, b.tiers, *_near(ctx[3]))
     return build
 
 
