@@ -155,11 +155,8 @@ class Compute(ConfigurableResource):
         """Where the datatrove pipelines run (mmbert_dagster.data.executors.DataExecutorSettings)."""
         from mmbert_dagster.data.executors import DataExecutorSettings
 
-        return DataExecutorSettings(
-            kind=self.data_executor, workers=self.data_workers, cpus_per_task=self.data_cpus_per_task,
-            mem_per_cpu_gb=self.data_mem_per_cpu_gb, ray_address=self.ray_address, ray_num_cpus=self.ray_num_cpus,
-            partition=self.slurm_partition, time=self.slurm_time, qos=self.slurm_qos,
-            env_command=self.slurm_env_command, sbatch_args=self.slurm_sbatch_args)
+        return DataExecutorSettings(workers=self.data_workers,
+                                    **{setting: getattr(self, field) for field, setting in _DATA_SETTINGS.items()})
 
     def train_settings(self):
         """Where and how a training stage runs (mmbert_dagster.train.stage_run.TrainSettings)."""
@@ -172,17 +169,21 @@ class Compute(ConfigurableResource):
                              checkpoint_every=self.checkpoint_every, launcher=launcher)
 
 
+# Compute field -> the DataExecutorSettings field it sets (data_workers is the settings' `workers`)
+_DATA_SETTINGS = {"data_executor": "kind", "data_cpus_per_task": "cpus_per_task",
+                  "data_mem_per_cpu_gb": "mem_per_cpu_gb", "ray_address": "ray_address", "ray_num_cpus": "ray_num_cpus",
+                  "slurm_partition": "partition", "slurm_time": "time", "slurm_qos": "qos",
+                  "slurm_env_command": "env_command", "slurm_sbatch_args": "sbatch_args"}
+
+
 def _data_executor_from_env() -> dict:
     """The Compute fields the MMBERT_DATA_EXECUTOR / MMBERT_RAY_* / MMBERT_SLURM_* variables set
     (data/executors.py's table; a malformed value is an error naming the variable)."""
     from mmbert_dagster.data.executors import settings_from_env
 
     env = settings_from_env(workers=1)  # the worker count stays MMBERT_DATA_WORKERS' (above)
-    return {"data_executor": env.kind, "data_cpus_per_task": env.cpus_per_task,
-            "data_mem_per_cpu_gb": env.mem_per_cpu_gb, "ray_address": env.ray_address,
-            "ray_num_cpus": env.ray_num_cpus, "slurm_partition": env.partition, "slurm_time": env.time,
-            "slurm_qos": env.qos, "slurm_env_command": env.env_command,
-            "slurm_sbatch_args": {k: str(v) for k, v in env.sbatch_args.items()}}
+    fields = {field: getattr(env, setting) for field, setting in _DATA_SETTINGS.items()}
+    return fields | {"slurm_sbatch_args": {k: str(v) for k, v in env.sbatch_args.items()}}
 
 
 def default_resources() -> dict:
